@@ -1,0 +1,4 @@
+"""Launching.
+
+Slurm script rendering, submission and requeue logic.
+"""

@@ -1,0 +1,4 @@
+"""Scaling-law sweeps.
+
+Sweep expansion, result collection, fitting and plotting.
+"""

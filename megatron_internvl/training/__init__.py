@@ -1,0 +1,4 @@
+"""Training.
+
+The step, the loop, optimizer and schedule, FLOPs/MFU, signals and TensorBoard logging.
+"""

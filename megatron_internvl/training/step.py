@@ -1,0 +1,94 @@
+"""One optimizer step through Megatron-Core's schedules, with token-averaged loss.
+
+The loss of a step is sum(CE over supervised tokens) / (number of supervised tokens), taken over
+every microbatch and every data- and context-parallel rank (`calculate_per_token_loss`): the
+same number, and the same gradients, whatever the parallel layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron loss_func contract: (summed loss, token count, values to report)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def wrap_with_ddp(
+    chunks: list[torch.nn.Module],
+    config: TransformerConfig,
+    use_distributed_optimizer: bool = False,
+) -> list[DistributedDataParallel]:
+    """Megatron DDP around each model chunk, grads in fp32 buffers (`param.main_grad`)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def forward_backward(
+    forward_step: Callable[[Iterator[Any], torch.nn.Module], tuple[torch.Tensor, LossFunc]],
+    data_iterator: Iterator[Any] | list[Iterator[Any]],
+    model: list[torch.nn.Module],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> float | None:
+    """Run forward and backward over `num_microbatches`; return the step's mean token loss.
+
+    The loss is returned on every rank (broadcast from the last pipeline stage, summed over
+    data- and context-parallel ranks). Gradients are left in `param.main_grad`, already reduced
+    and divided by the global token count by `finalize_model_grads`.
+    """
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    totals = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for report in reports:
+            totals += report["lm loss"].double()
+    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(
+        totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+    )
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
+
+def bind_loss(loss_mask: torch.Tensor) -> LossFunc:
+    """The loss_func for one microbatch."""
+    return partial(masked_token_loss, loss_mask)

@@ -1,0 +1,173 @@
+"""Rank functions for the tiny Megatron-Core GPT used to prove the parallel machinery on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_internvl.models.language import build_gpt_chunks
+from megatron_internvl.parallel import cpu_platform
+from megatron_internvl.parallel.context_parallel import split_for_rank
+from megatron_internvl.parallel.layout import ParallelLayout
+from megatron_internvl.training.step import bind_loss, forward_backward, wrap_with_ddp
+from tests import parity
+
+VOCAB = 64
+SEQ = 16
+MICRO_BATCH = 2
+NUM_MICROBATCHES = 4
+REFERENCE = ParallelLayout()
+
+
+def tiny_gpt_config(layout: ParallelLayout, num_layers: int = 4) -> TransformerConfig:
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=8,
+        ffn_hidden_size=48,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+        sequence_parallel=layout.sequence_parallel,
+        pipeline_dtype=torch.float32,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+    )
+    return cpu_platform.adapt_model_config(config)
+
+
+def build(layout: ParallelLayout, use_distributed_optimizer: bool = False):
+    config = tiny_gpt_config(layout)
+    chunks = build_gpt_chunks(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    return wrap_with_ddp(chunks, config, use_distributed_optimizer), config
+
+
+def global_batch(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Microbatches of a learnable next-token task with some masked-out label positions."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(NUM_MICROBATCHES):
+        tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=gen)
+        loss_mask = (torch.rand(MICRO_BATCH, SEQ, generator=gen) > 0.2).float()
+        batches.append(
+            {
+                "tokens": tokens[:, :-1],
+                "labels": tokens[:, 1:],
+                "loss_mask": loss_mask,
+                "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
+            }
+        )
+    return batches
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    cp = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    batch = {k: split_for_rank(v, 1, cp, cp_rank) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, bind_loss(batch["loss_mask"])
+
+
+def train_step(chunks, layout: ParallelLayout, batches) -> float:
+    microbatches = parity.layout_batches(batches, layout)
+    return forward_backward(
+        forward_step,
+        parity.data_iterators(microbatches, len(chunks)),
+        chunks,
+        num_microbatches=len(microbatches),
+        seq_length=SEQ,  # Megatron divides by CP (and TP under SP) itself
+        micro_batch_size=MICRO_BATCH,
+    )
+
+
+def layout_parity(tmp: str, layouts: list[ParallelLayout]) -> dict[str, Any]:
+    """Loss and max gradient difference of each layout against the reference layout."""
+    tmp_path = Path(tmp)
+    batches = global_batch()
+    parity.use_layout(REFERENCE)
+    ref_chunks, _ = build(REFERENCE)
+    parity.save_sharded(ref_chunks, tmp_path / "weights")
+    # The reference runs as DP replicas, each on the whole global batch.
+    ref_loss = forward_backward(
+        forward_step, iter(batches), ref_chunks, len(batches), SEQ, MICRO_BATCH
+    )
+    ref_grads = parity.full_named(ref_chunks, grads=True)
+
+    report: dict[str, Any] = {"reference_loss": ref_loss}
+    for layout in layouts:
+        parity.use_layout(layout)
+        chunks, _ = build(layout)
+        parity.load_sharded(chunks, tmp_path / "weights")
+        loss = train_step(chunks, layout, batches)
+        parity.save_sharded(chunks, tmp_path / f"grads-{layout}", tensors="grad")
+
+        parity.use_layout(REFERENCE)
+        gathered, _ = build(REFERENCE)
+        parity.load_sharded(gathered, tmp_path / f"grads-{layout}")
+        diffs = parity.max_abs_diff(parity.full_named(gathered), ref_grads)
+        report[str(layout)] = {"loss": loss, "grad_diff": max(diffs.values()), "diffs": diffs}
+    return report
+
+
+def distributed_optimizer_parity(tmp: str) -> dict[str, Any]:
+    """One clipped Adam step: distributed optimizer on DP ranks vs a plain optimizer."""
+    tmp_path = Path(tmp)
+    batches = global_batch(seed=1)
+    opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.05, weight_decay=0.1)
+
+    def step(layout: ParallelLayout, distributed: bool, data) -> tuple[float, float, dict]:
+        parity.use_layout(layout)
+        chunks, _ = build(layout, use_distributed_optimizer=distributed)
+        parity.load_sharded(chunks, tmp_path / "weights")
+        optimizer = get_megatron_optimizer(
+            dataclasses.replace(opt_config, use_distributed_optimizer=distributed),
+            chunks,
+        )
+        optimizer.zero_grad()
+        loss = forward_backward(forward_step, iter(data), chunks, len(data), SEQ, MICRO_BATCH)
+        ok, grad_norm, _ = optimizer.step()
+        assert ok, "optimizer step was skipped"
+        return loss, float(grad_norm), parity.full_named(chunks)
+
+    parity.use_layout(REFERENCE)
+    init_chunks, _ = build(REFERENCE)
+    parity.save_sharded(init_chunks, tmp_path / "weights")
+    ref_loss, ref_norm, ref_params = step(REFERENCE, False, batches)
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    share = len(batches) // dp
+    loss, norm, params = step(REFERENCE, True, batches[rank * share : (rank + 1) * share])
+    diffs = parity.max_abs_diff(params, ref_params)
+    initial = parity.full_named(init_chunks)
+    moved = max(float((ref_params[k] - v).abs().max()) for k, v in initial.items())
+    return {
+        "reference_loss": ref_loss,
+        "loss": loss,
+        "reference_grad_norm": ref_norm,
+        "grad_norm": norm,
+        "param_diff": max(diffs.values()),
+        "update_size": moved,
+    }

@@ -1,0 +1,104 @@
+"""Rank-side helpers that compare a parallel layout against a one-rank reference.
+
+Full (unsharded) tensors are gathered through Megatron's own dist_checkpointing: a layout saves
+its weights or gradients as a sharded checkpoint and a TP=1/PP=1 model loads it back. So any
+TP/PP/VPP/CP layout can be compared against a plain model, parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_internvl.parallel.layout import ParallelLayout
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return getattr(chunk, "module", chunk)
+
+
+def sharded_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    return {f"chunk{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_sharded(chunks: list[torch.nn.Module], path: Path, tensors: str = "param") -> None:
+    """Save the chunks' parameters (or their `main_grad`s, if tensors="grad") as a checkpoint."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    dist.barrier()
+    swapped = []
+    if tensors == "grad":
+        for chunk in chunks:
+            for param in chunk.parameters():
+                swapped.append((param, param.data))
+                param.data = param.main_grad.detach().clone()
+    try:
+        dist_checkpointing.save(sharded_state(chunks), str(path))
+    finally:
+        for param, data in swapped:
+            param.data = data
+    dist.barrier()
+
+
+def load_sharded(chunks: list[torch.nn.Module], path: Path) -> None:
+    """Load a checkpoint (saved at any layout) into the chunks of the current layout."""
+    loaded = dist_checkpointing.load(sharded_state(chunks), str(path))
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[f"chunk{i}"], strict=False)
+
+
+def full_named(chunks: list[torch.nn.Module], grads: bool = False) -> dict[str, torch.Tensor]:
+    """Parameters (or main_grads) of a TP=1/PP=1 model, by name, detached clones."""
+    out = {}
+    for i, chunk in enumerate(chunks):
+        for name, param in unwrap(chunk).named_parameters():
+            value = param.main_grad if grads else param.data
+            out[f"{i}.{name}"] = value.detach().clone()
+    return out
+
+
+def use_layout(layout: ParallelLayout, seed: int = 1234) -> None:
+    """(Re)create the process groups for `layout` and seed every RNG the same way."""
+    parallel_state.destroy_model_parallel()
+    layout.initialize()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def layout_batches(
+    global_batch: list[dict[str, torch.Tensor]], layout: ParallelLayout
+) -> list[dict[str, torch.Tensor]]:
+    """The microbatches this rank's data-parallel replica consumes (a contiguous slice)."""
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    if len(global_batch) % dp:
+        raise ValueError(f"{len(global_batch)} microbatches do not split over {dp} DP ranks")
+    per_rank = len(global_batch) // dp
+    return global_batch[rank * per_rank : (rank + 1) * per_rank]
+
+
+def data_iterators(
+    microbatches: list[dict[str, torch.Tensor]], n_chunks: int
+) -> Iterator[Any] | list[Iterator[Any]]:
+    """One iterator per model chunk (the interleaved schedule wants a list)."""
+    if n_chunks == 1:
+        return iter(microbatches)
+    return [iter(microbatches) for _ in range(n_chunks)]
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-name max |a - b|; a key missing on either side is an error."""
+    if a.keys() != b.keys():
+        raise AssertionError(f"parameter names differ: {sorted(a.keys() ^ b.keys())}")
+    return {k: float((a[k] - b[k]).abs().max()) for k in a}
+
+
+ChunkBuilder = Callable[[ParallelLayout], list[torch.nn.Module]]
