@@ -58,8 +58,14 @@ def tiny_gpt_config(layout: ParallelLayout, num_layers: int = 4) -> TransformerC
     return cpu_platform.adapt_model_config(config)
 
 
-def build(layout: ParallelLayout, use_distributed_optimizer: bool = False):
+def build(
+    layout: ParallelLayout,
+    use_distributed_optimizer: bool = False,
+    batch_p2p_comm: bool | None = None,
+):
     config = tiny_gpt_config(layout)
+    if batch_p2p_comm is not None:  # to show what the platform's default protects against
+        config.batch_p2p_comm = batch_p2p_comm
     chunks = build_gpt_chunks(config, vocab_size=VOCAB, max_sequence_length=SEQ)
     return wrap_with_ddp(chunks, config, use_distributed_optimizer), config
 
@@ -103,7 +109,9 @@ def train_step(chunks, layout: ParallelLayout, batches) -> float:
     )
 
 
-def layout_parity(tmp: str, layouts: list[ParallelLayout]) -> dict[str, Any]:
+def layout_parity(
+    tmp: str, layouts: list[ParallelLayout], batch_p2p_comm: bool | None = None
+) -> dict[str, Any]:
     """Loss and max gradient difference of each layout against the reference layout."""
     tmp_path = Path(tmp)
     batches = global_batch()
@@ -119,7 +127,7 @@ def layout_parity(tmp: str, layouts: list[ParallelLayout]) -> dict[str, Any]:
     report: dict[str, Any] = {"reference_loss": ref_loss}
     for layout in layouts:
         parity.use_layout(layout)
-        chunks, _ = build(layout)
+        chunks, _ = build(layout, batch_p2p_comm=batch_p2p_comm)
         parity.load_sharded(chunks, tmp_path / "weights")
         loss = train_step(chunks, layout, batches)
         parity.save_sharded(chunks, tmp_path / f"grads-{layout}", tensors="grad")
@@ -170,4 +178,49 @@ def distributed_optimizer_parity(tmp: str) -> dict[str, Any]:
         "grad_norm": norm,
         "param_diff": max(diffs.values()),
         "update_size": moved,
+    }
+
+
+def _gathered_logits(chunks, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of a PP=1 model at any TP size."""
+    from megatron_internvl.parallel.collectives import all_gather_dim0
+
+    logits = chunks[0](tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
+    group = parallel_state.get_tensor_model_parallel_group()
+    return all_gather_dim0(logits.movedim(-1, 0), group).movedim(0, -1).detach()
+
+
+def checkpoint_reshard(tmp: str) -> dict[str, Any]:
+    """Save at TP=2, reload at TP=1 (same outputs), and back at TP=2 (same shards, bit for bit)."""
+    tmp_path = Path(tmp)
+    tp2 = ParallelLayout(tensor=2)
+    tokens = global_batch()[0]["tokens"]
+
+    parity.use_layout(tp2, seed=7)
+    chunks, _ = build(tp2)
+    logits_tp2 = _gathered_logits(chunks, tokens)
+    shards_tp2 = {
+        k: v.detach().clone()
+        for k, v in chunks[0].module.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
+    parity.save_sharded(chunks, tmp_path / "tp2")
+
+    parity.use_layout(REFERENCE, seed=99)  # a different init, so loading must overwrite it
+    ref, _ = build(REFERENCE)
+    parity.load_sharded(ref, tmp_path / "tp2")
+    logits_tp1 = _gathered_logits(ref, tokens)
+    parity.save_sharded(ref, tmp_path / "tp1")
+
+    parity.use_layout(tp2, seed=5)
+    again, _ = build(tp2)
+    parity.load_sharded(again, tmp_path / "tp1")
+    reloaded = again[0].module.state_dict()
+    mismatched = [k for k, v in shards_tp2.items() if not torch.equal(v, reloaded[k])]
+    return {
+        "logits_max_diff": float((logits_tp2 - logits_tp1).abs().max()),
+        "logits_scale": float(logits_tp1.abs().max()),
+        "vocab": logits_tp1.size(-1),
+        "shards_compared": len(shards_tp2),
+        "mismatched_shards": mismatched,
     }

@@ -140,11 +140,13 @@ class LocalCoreAttention(MegatronModule):
         scores = torch.einsum("sbhd,tbhd->bhst", query, key) * self.softmax_scale
         scores = scores.float().masked_fill(blocked, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(query.dtype)
-        if self.config.sequence_parallel:
-            probs = self.dropout(probs)
-        else:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
+        if self.training and self.dropout.p > 0:
+            # Heads are TP-sharded: draw from the model-parallel stream unless SP (as Megatron).
+            if self.config.sequence_parallel:
                 probs = self.dropout(probs)
+            else:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    probs = self.dropout(probs)
         context = torch.einsum("bhst,tbhd->sbhd", probs, value)
         context = context.reshape(sq, batch, heads * head_dim)
         return context.squeeze(1) if thd else context
