@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_internvl.models.language import build_gpt_chunks
+from megatron_internvl.models.language import LanguageConfig, build_gpt_chunks
 from megatron_internvl.parallel import cpu_platform
-from megatron_internvl.parallel.context_parallel import split_for_rank
 from megatron_internvl.parallel.layout import ParallelLayout
-from megatron_internvl.training.step import bind_loss, forward_backward, wrap_with_ddp
+from megatron_internvl.training.step import (
+    forward_backward,
+    language_model_forward_step,
+    wrap_with_ddp,
+)
 from tests import parity
 
 VOCAB = 64
@@ -26,36 +27,16 @@ NUM_MICROBATCHES = 4
 REFERENCE = ParallelLayout()
 
 
-def tiny_gpt_config(layout: ParallelLayout, num_layers: int = 4) -> TransformerConfig:
-    config = TransformerConfig(
-        num_layers=num_layers,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_query_groups=2,
-        kv_channels=8,
-        ffn_hidden_size=48,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        context_parallel_size=layout.context,
-        sequence_parallel=layout.sequence_parallel,
-        pipeline_dtype=torch.float32,
-        calculate_per_token_loss=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=True,
-    )
-    return cpu_platform.adapt_model_config(config)
+TINY_LM = LanguageConfig(
+    num_layers=4,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=48,
+    vocab_size=VOCAB,
+    kv_channels=8,
+    rope_theta=10000,
+)
 
 
 def build(
@@ -63,10 +44,10 @@ def build(
     use_distributed_optimizer: bool = False,
     batch_p2p_comm: bool | None = None,
 ):
-    config = tiny_gpt_config(layout)
+    config = cpu_platform.adapt_model_config(TINY_LM.transformer_config(layout))
     if batch_p2p_comm is not None:  # to show what the platform's default protects against
         config.batch_p2p_comm = batch_p2p_comm
-    chunks = build_gpt_chunks(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    chunks = build_gpt_chunks(config, TINY_LM, max_sequence_length=SEQ)
     return wrap_with_ddp(chunks, config, use_distributed_optimizer), config
 
 
@@ -88,13 +69,7 @@ def global_batch(seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    cp = parallel_state.get_context_parallel_world_size()
-    cp_rank = parallel_state.get_context_parallel_rank()
-    batch = {k: split_for_rank(v, 1, cp, cp_rank) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, bind_loss(batch["loss_mask"])
+forward_step = language_model_forward_step
 
 
 def train_step(chunks, layout: ParallelLayout, batches) -> float:

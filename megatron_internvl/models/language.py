@@ -2,20 +2,84 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_internvl.models.specs import block_spec, local_layer_spec
+from megatron_internvl.parallel.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """Shape of a decoder-only LLM of the Qwen2.5 / InternLM2.5 kind.
+
+    Both families are pre-norm RMSNorm, SwiGLU MLP without biases, rotary embeddings and
+    grouped-query attention; they differ in QKV bias, norm epsilon and RoPE base.
+    """
+
+    num_layers: int
+    """Transformer layers."""
+    hidden_size: int
+    """Model width."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int
+    """Key/value heads (GQA groups)."""
+    ffn_hidden_size: int
+    """SwiGLU intermediate width."""
+    vocab_size: int
+    """Rows of the embedding and output layers (before any padding for TP)."""
+    kv_channels: int | None = None
+    """Head dim; None means hidden_size // num_attention_heads."""
+    qkv_bias: bool = True
+    """Bias on the fused QKV projection (Qwen2.5: yes, InternLM2.5: no)."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope_theta: float = 1e6
+    """RoPE base frequency."""
+
+    def transformer_config(self, layout: ParallelLayout, **overrides: Any) -> TransformerConfig:
+        """Megatron's TransformerConfig for this shape under `layout` (dropout off, fp32)."""
+        settings: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
+            ffn_hidden_size=self.ffn_hidden_size,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=self.qkv_bias,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=layout.tensor,
+            pipeline_model_parallel_size=layout.pipeline,
+            virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+            context_parallel_size=layout.context,
+            sequence_parallel=layout.sequence_parallel,
+            pipeline_dtype=torch.float32,
+            calculate_per_token_loss=True,
+            use_cpu_initialization=True,
+        )
+        settings.update(overrides)
+        return TransformerConfig(**settings)
 
 
 def build_gpt_chunks(
     config: TransformerConfig,
-    vocab_size: int,
+    language: LanguageConfig,
     max_sequence_length: int,
     layer_spec: ModuleSpec | None = None,
-    rotary_base: int = 10000,
 ) -> list[GPTModel]:
     """The GPT model chunks this rank holds (one, or one per virtual pipeline stage).
 
@@ -30,7 +94,7 @@ def build_gpt_chunks(
             GPTModel(
                 config=config,
                 transformer_layer_spec=block_spec(config, layer_spec, vp_stage=stage),
-                vocab_size=vocab_size,
+                vocab_size=language.vocab_size,
                 max_sequence_length=max_sequence_length,
                 pre_process=parallel_state.is_pipeline_first_stage(
                     ignore_virtual=False, vp_stage=stage
@@ -40,7 +104,7 @@ def build_gpt_chunks(
                 ),
                 share_embeddings_and_output_weights=False,
                 position_embedding_type="rope",
-                rotary_base=rotary_base,
+                rotary_base=language.rope_theta,
                 vp_stage=stage,
             )
         )

@@ -21,6 +21,8 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_internvl.parallel.context_parallel import split_for_rank
+
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -92,3 +94,18 @@ def forward_backward(
 def bind_loss(loss_mask: torch.Tensor) -> LossFunc:
     """The loss_func for one microbatch."""
     return partial(masked_token_loss, loss_mask)
+
+
+def language_model_forward_step(
+    data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module
+) -> tuple[torch.Tensor, LossFunc]:
+    """Forward one text microbatch (tokens, labels, loss_mask, position_ids: [b, s]).
+
+    Each context-parallel rank keeps its load-balanced share of the sequence.
+    """
+    batch = next(data_iterator)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    batch = {k: split_for_rank(v, 1, cp_size, cp_rank) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, bind_loss(batch["loss_mask"])
