@@ -25,6 +25,7 @@ SEQ = 16
 MICRO_BATCH = 2
 NUM_MICROBATCHES = 4
 REFERENCE = ParallelLayout()
+ADAM_LR = 1e-2
 
 
 TINY_LM = LanguageConfig(
@@ -119,7 +120,7 @@ def distributed_optimizer_parity(tmp: str) -> dict[str, Any]:
     """One clipped Adam step: distributed optimizer on DP ranks vs a plain optimizer."""
     tmp_path = Path(tmp)
     batches = global_batch(seed=1)
-    opt_config = OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.05, weight_decay=0.1)
+    opt_config = OptimizerConfig(optimizer="adam", lr=ADAM_LR, clip_grad=0.05, weight_decay=0.1)
 
     def step(layout: ParallelLayout, distributed: bool, data) -> tuple[float, float, dict]:
         parity.use_layout(layout)
