@@ -82,7 +82,8 @@ class LocalCoreAttention(MegatronModule):
             raise ValueError("LocalCoreAttention does not implement query-key layer scaling")
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.cp_group = pg_collection.cp
+        # A model whose config has no CP (the ViT) never splits, even inside a CP run.
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         self.attn_mask_type = attn_mask_type
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
@@ -93,12 +94,12 @@ class LocalCoreAttention(MegatronModule):
     def _positions(
         self, local_len: int, packed_seq_params: PackedSeqParams | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cp_size = self.cp_group.size()
+        cp_size, cp_rank = (self.cp_group.size(), self.cp_group.rank()) if self.cp_group else (1, 0)
         if packed_seq_params is not None:
             cu_seqlens = packed_seq_params.cu_seqlens_q.detach().to("cpu", torch.long)
         else:
             cu_seqlens = torch.tensor([0, local_len * cp_size])
-        q_pos = load_balanced_indices(cu_seqlens, cp_size, self.cp_group.rank())
+        q_pos = load_balanced_indices(cu_seqlens, cp_size, cp_rank)
         k_pos = torch.cat([load_balanced_indices(cu_seqlens, cp_size, r) for r in range(cp_size)])
         return q_pos, k_pos, cu_seqlens
 
@@ -118,7 +119,7 @@ class LocalCoreAttention(MegatronModule):
         if thd:
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         sq, batch, heads, head_dim = query.shape
-        if self.cp_group.size() > 1:
+        if self.cp_group is not None:
             key = all_gather_dim0(key, self.cp_group)
             value = all_gather_dim0(value, self.cp_group)
 

@@ -36,3 +36,27 @@ def all_gather_dim0(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> to
     if group is None or dist.get_world_size(group) == 1:
         return tensor
     return _AllGatherSeq.apply(tensor, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose result every rank consumes differently: backward sums too."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Differentiable sum over `group` (e.g. statistics shared by TP-sharded channels)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    return _AllReduceSum.apply(tensor, group)
