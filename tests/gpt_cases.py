@@ -88,32 +88,14 @@ def train_step(chunks, layout: ParallelLayout, batches) -> float:
 def layout_parity(
     tmp: str, layouts: list[ParallelLayout], batch_p2p_comm: bool | None = None
 ) -> dict[str, Any]:
-    """Loss and max gradient difference of each layout against the reference layout."""
-    tmp_path = Path(tmp)
+    """Loss and max gradient difference of each layout against one rank's."""
     batches = global_batch()
-    parity.use_layout(REFERENCE)
-    ref_chunks, _ = build(REFERENCE)
-    parity.save_sharded(ref_chunks, tmp_path / "weights")
-    # The reference runs as DP replicas, each on the whole global batch.
-    ref_loss = forward_backward(
-        forward_step, iter(batches), ref_chunks, len(batches), SEQ, MICRO_BATCH
+    return parity.compare_layouts(
+        Path(tmp),
+        lambda layout: build(layout, batch_p2p_comm=batch_p2p_comm)[0],
+        lambda chunks, layout: train_step(chunks, layout, batches),
+        layouts,
     )
-    ref_grads = parity.full_named(ref_chunks, grads=True)
-
-    report: dict[str, Any] = {"reference_loss": ref_loss}
-    for layout in layouts:
-        parity.use_layout(layout)
-        chunks, _ = build(layout, batch_p2p_comm=batch_p2p_comm)
-        parity.load_sharded(chunks, tmp_path / "weights")
-        loss = train_step(chunks, layout, batches)
-        parity.save_sharded(chunks, tmp_path / f"grads-{layout}", tensors="grad")
-
-        parity.use_layout(REFERENCE)
-        gathered, _ = build(REFERENCE)
-        parity.load_sharded(gathered, tmp_path / f"grads-{layout}")
-        diffs = parity.max_abs_diff(parity.full_named(gathered), ref_grads)
-        report[str(layout)] = {"loss": loss, "grad_diff": max(diffs.values()), "diffs": diffs}
-    return report
 
 
 def distributed_optimizer_parity(tmp: str) -> dict[str, Any]:

@@ -101,4 +101,36 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict
     return {k: float((a[k] - b[k]).abs().max()) for k in a}
 
 
-ChunkBuilder = Callable[[ParallelLayout], list[torch.nn.Module]]
+def compare_layouts(
+    tmp: Path,
+    build: Callable[[ParallelLayout], list[torch.nn.Module]],
+    step: Callable[[list[torch.nn.Module], ParallelLayout], float],
+    layouts: list[ParallelLayout],
+    reference: ParallelLayout | None = None,
+) -> dict[str, Any]:
+    """Loss and per-parameter max gradient difference of each layout against `reference`.
+
+    `build(layout)` returns this rank's (DDP-wrapped) chunks; `step(chunks, layout)` runs one
+    forward/backward over this rank's share of a fixed global batch and returns the loss. All
+    layouts start from the reference's weights.
+    """
+    reference = reference or ParallelLayout()
+    use_layout(reference)
+    ref_chunks = build(reference)
+    save_sharded(ref_chunks, tmp / "weights")
+    report: dict[str, Any] = {"reference_loss": step(ref_chunks, reference)}
+    ref_grads = full_named(ref_chunks, grads=True)
+    report["reference_grad_scale"] = max(float(g.abs().max()) for g in ref_grads.values())
+    for layout in layouts:
+        use_layout(layout)
+        chunks = build(layout)
+        load_sharded(chunks, tmp / "weights")
+        loss = step(chunks, layout)
+        save_sharded(chunks, tmp / f"grads-{layout}", tensors="grad")
+
+        use_layout(reference)
+        gathered = build(reference)
+        load_sharded(gathered, tmp / f"grads-{layout}")
+        diffs = max_abs_diff(full_named(gathered), ref_grads)
+        report[str(layout)] = {"loss": loss, "grad_diff": max(diffs.values()), "diffs": diffs}
+    return report

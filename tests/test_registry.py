@@ -11,17 +11,17 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from megatron_internvl.models.hf_oracle import (
-    build_hf_model,
-    hf_internvl_config,
-    hf_parameter_counts,
-)
 from megatron_internvl.models.language import LanguageConfig
 from megatron_internvl.models.registry import REGISTRY, InternVLSpec, get_spec
 from megatron_internvl.models.vision_config import (
     INTERNVIT_6B,
     INTERNVIT_300M,
     VisionConfig,
+)
+from tests.hf_oracle import (
+    build_hf_model,
+    hf_internvl_config,
+    hf_parameter_counts,
 )
 
 # Model-card sizes in billions, as printed (the digits shown are the precision checked).

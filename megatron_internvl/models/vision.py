@@ -43,10 +43,24 @@ def padded_heads(real_heads: int, multiple: int) -> int:
 
 
 def vision_transformer_config(
-    vision: VisionConfig, layout: ParallelLayout, **overrides: Any
+    vision: VisionConfig,
+    layout: ParallelLayout,
+    pad_heads_to: int | None = None,
+    **overrides: Any,
 ) -> TransformerConfig:
-    """Megatron config of the ViT under `layout`: TP/SP only (the ViT is never pipelined or CP)."""
-    heads = padded_heads(vision.num_attention_heads, layout.tensor)
+    """Megatron config of the ViT under `layout`: TP/SP only (the ViT is never pipelined or CP).
+
+    Heads are padded to a multiple of `pad_heads_to` (default: the TP size). The padded count
+    is part of the checkpoint's shapes, so runs that reshard a padded ViT across TP sizes should
+    pick a multiple that covers all of them (8 covers TP 1-8: 25 -> 32 heads).
+    """
+    multiple = pad_heads_to or layout.tensor
+    if multiple % layout.tensor:
+        raise ValueError(
+            f"vision heads padded to a multiple of {multiple} cannot be split over "
+            f"tensor_parallel={layout.tensor}; use a multiple of {layout.tensor}"
+        )
+    heads = padded_heads(vision.num_attention_heads, multiple)
     settings: dict[str, Any] = dict(
         num_layers=vision.num_layers,
         hidden_size=vision.hidden_size,

@@ -18,6 +18,7 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -109,3 +110,40 @@ def language_model_forward_step(
     batch = {k: split_for_rank(v, 1, cp_size, cp_rank) for k, v in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, bind_loss(batch["loss_mask"])
+
+
+def internvl_forward_step(
+    data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module
+) -> tuple[torch.Tensor, LossFunc]:
+    """Forward one InternVL microbatch.
+
+    Keys: tokens, labels, loss_mask, position_ids ([b, s] full rows), images ([tiles, 3, S, S]
+    or absent for text-only), cu_seqlens (sub-sample boundaries of a packed row, b == 1) and
+    sample_keys (for error messages). The model splits the row for context parallelism; the
+    loss mask is split the same way here.
+    """
+    batch = next(data_iterator)
+    cu_seqlens = batch.get("cu_seqlens")
+    packed = None
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        images=batch.get("images"),
+        labels=batch["labels"],
+        packed_seq_params=packed,
+        sample_keys=batch.get("sample_keys"),
+    )
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    loss_mask = split_for_rank(batch["loss_mask"], 1, cp_size, cp_rank, cu_seqlens)
+    return output, bind_loss(loss_mask)

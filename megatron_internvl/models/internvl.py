@@ -1,0 +1,194 @@
+"""InternVLModel: ViT -> pixel shuffle -> projector -> image tokens placed into the LLM's input.
+
+The ViT and projector live on the first pipeline stage only. The first stage embeds the whole
+row, writes the projected image tokens over the `<IMG_CONTEXT>` embeddings in order (row-major
+over [batch, sequence], as InternVL does), then hands this rank's context-parallel share
+(load-balanced, per sub-sample for packed rows), scattered for sequence parallelism, to the LLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_internvl.models.registry import InternVLSpec
+from megatron_internvl.models.specs import block_spec, local_layer_spec
+from megatron_internvl.models.vision import (
+    InternViT,
+    VisionProjector,
+    pixel_shuffle,
+    projector_config,
+    vision_transformer_config,
+)
+from megatron_internvl.parallel.context_parallel import split_for_rank
+from megatron_internvl.parallel.layout import ParallelLayout
+
+
+class InternVLModel(MegatronModule):
+    """One pipeline chunk of InternVL (the first chunk also holds the ViT and projector)."""
+
+    def __init__(
+        self,
+        spec: InternVLSpec,
+        language_config: TransformerConfig,
+        vision_config: TransformerConfig | None,
+        projector_cfg: TransformerConfig | None,
+        max_sequence_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+    ) -> None:
+        super().__init__(config=language_config)
+        self.spec = spec
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = False
+        self.model_type = ModelType.encoder_or_decoder
+        self.has_vision = pre_process and vision_config is not None
+        if self.has_vision:
+            self.vision_model = InternViT(vision_config, spec.vision)
+            self.vision_projection = VisionProjector(
+                projector_cfg, input_size=spec.projector_input_size
+            )
+        self.language_model = GPTModel(
+            config=language_config,
+            transformer_layer_spec=block_spec(language_config, local_layer_spec(), vp_stage),
+            vocab_size=spec.language.vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=spec.language.rope_theta,
+            scatter_embedding_sequence_parallel=False,  # we scatter after placing images
+            vp_stage=vp_stage,
+        )
+
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_tokens(self, images_nchw: torch.Tensor) -> torch.Tensor:
+        """Tiles [n, 3, S, S] -> projected image tokens [n * tokens_per_tile, hidden]."""
+        features_ntc = self.vision_model(images_nchw)
+        grid = int(features_ntc.size(1) ** 0.5)
+        shuffled = pixel_shuffle(
+            features_ntc.reshape(features_ntc.size(0), grid, grid, -1), self.spec.downsample_ratio
+        )
+        return self.vision_projection(shuffled.flatten(0, 2))
+
+    def _place_images(
+        self,
+        embeds_sbh: torch.Tensor,
+        input_ids: torch.Tensor,
+        images_nchw: torch.Tensor | None,
+        sample_keys: list[str] | None,
+    ) -> torch.Tensor:
+        slots_bs = input_ids == self.spec.image_token_id
+        if images_nchw is None or images_nchw.size(0) == 0:
+            if slots_bs.any():
+                raise ValueError(self._mismatch(slots_bs, 0, sample_keys))
+            # Text-only batch: a dummy tile keeps ViT/projector in the graph with zero gradient.
+            size = self.spec.vision.image_size
+            dummy = embeds_sbh.new_zeros(1, 3, size, size)
+            return embeds_sbh + 0.0 * self.image_tokens(dummy).sum()
+        tokens = self.image_tokens(images_nchw)
+        if int(slots_bs.sum()) != tokens.size(0):
+            raise ValueError(self._mismatch(slots_bs, tokens.size(0), sample_keys))
+        embeds_bsh = embeds_sbh.transpose(0, 1)
+        embeds_bsh = embeds_bsh.masked_scatter(slots_bs.unsqueeze(-1), tokens.to(embeds_bsh.dtype))
+        return embeds_bsh.transpose(0, 1).contiguous()
+
+    def _mismatch(self, slots_bs: torch.Tensor, n_tokens: int, keys: list[str] | None) -> str:
+        per_row = slots_bs.sum(dim=1).tolist()
+        tiles = n_tokens // self.spec.tokens_per_tile
+        where = f" (samples {keys})" if keys else ""
+        return (
+            f"image/token mismatch{where}: rows hold {per_row} <IMG_CONTEXT> tokens "
+            f"(total {sum(per_row)}) but {tiles} tiles give {n_tokens} image tokens "
+            f"({self.spec.tokens_per_tile} per tile); each <image> must expand to "
+            f"{self.spec.tokens_per_tile} x its tile count"
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        sample_keys: list[str] | None = None,
+    ) -> torch.Tensor:
+        """Full rows in ([b, s] ids, positions and labels); per-token loss of this CP share out."""
+        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+        cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
+
+        def local(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return split_for_rank(t, dim, cp_size, cp_rank, cu_seqlens)
+
+        decoder_input = None
+        if self.pre_process:
+            embeds_sbh = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+            if self.has_vision:
+                embeds_sbh = self._place_images(embeds_sbh, input_ids, images, sample_keys)
+            decoder_input = local(embeds_sbh, 0)
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        return self.language_model(
+            input_ids=None,
+            position_ids=local(position_ids, 1),
+            attention_mask=None,
+            decoder_input=decoder_input,
+            labels=None if labels is None else local(labels, 1),
+            packed_seq_params=packed_seq_params,
+        )
+
+
+def build_internvl_chunks(
+    spec: InternVLSpec,
+    layout: ParallelLayout,
+    max_sequence_length: int,
+    first_stage_layers: int | None = None,
+    vision_pad_heads_to: int | None = None,
+    **language_overrides: Any,
+) -> list[InternVLModel]:
+    """This rank's InternVL chunks.
+
+    `first_stage_layers` gives pipeline stage 0 fewer LLM layers, since it also runs the ViT;
+    `vision_pad_heads_to` is the ViT's head-padding multiple (see vision_transformer_config).
+    """
+    overrides = dict(language_overrides)
+    if first_stage_layers is not None and layout.pipeline > 1:
+        overrides["num_layers_in_first_pipeline_stage"] = first_stage_layers
+    language_config = spec.language.transformer_config(layout, **overrides)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunks.append(
+            InternVLModel(
+                spec,
+                language_config,
+                (
+                    vision_transformer_config(spec.vision, layout, vision_pad_heads_to)
+                    if first
+                    else None
+                ),
+                projector_config(spec.language.hidden_size, layout) if first else None,
+                max_sequence_length,
+                pre_process=first,
+                post_process=last,
+                vp_stage=stage,
+            )
+        )
+    return chunks
