@@ -14,12 +14,11 @@ from megatron_internvl.models.local_layers import LocalCoreAttention, LocalNorm
 
 
 @pytest.fixture(scope="module")
-def world():
-    """A one-rank gloo world, so process groups exist in this process."""
-    if not torch.distributed.is_initialized():
-        store = torch.distributed.HashStore()
-        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-    return torch.distributed.new_group([0])
+def world(single_rank):
+    """A one-rank process group (TP and CP groups of size 1)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 def _config(**overrides) -> TransformerConfig:

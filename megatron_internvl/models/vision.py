@@ -178,7 +178,8 @@ class InternViTLayer(TransformerLayer):
 def internvit_layer_spec(vision: VisionConfig) -> ModuleSpec:
     """Bidirectional local-backend layer with InternViT's residuals and (6B) full-width QK-norm."""
     spec = local_layer_spec(attn_mask_type=AttnMaskType.no_mask)
-    rates = torch.linspace(0, vision.drop_path_rate, vision.num_layers).tolist()
+    steps = max(vision.num_layers - 1, 1)
+    rates = [vision.drop_path_rate * i / steps for i in range(vision.num_layers)]  # linspace
     spec.module = InternViTLayer
     spec.params = {
         "layer_scale_init": vision.layer_scale_init,

@@ -7,7 +7,9 @@ and the CPU platform module makes Megatron-Core run there.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -42,3 +44,26 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process(layout: ParallelLayout | None = None, seed: int = 1234) -> Iterator[None]:
+    """This process as a one-rank world (for tools that build models without a launcher)."""
+    if dist.is_initialized():
+        raise RuntimeError("single_process() needs a process without a distributed world")
+    installed = cpu_platform.install()
+    dist.init_process_group(
+        "gloo" if installed or not torch.cuda.is_available() else "nccl",
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+    )
+    try:
+        (layout or ParallelLayout()).initialize()
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+        yield
+    finally:
+        shutdown()
+        if installed:
+            cpu_platform.uninstall()
