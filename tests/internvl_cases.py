@@ -116,3 +116,37 @@ def layout_parity(
         lambda chunks, layout: step(chunks, layout, batches),
         layouts,
     )
+
+
+def frozen_stage_step(tmp: str, spec_name: str, stage: str, layout: ParallelLayout) -> dict:
+    """One Adam step at `stage`: which parameters moved, and how many hold optimizer state."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_internvl.training.freezing import freeze_for_stage
+
+    parity.use_layout(layout)
+    spec = get_spec(spec_name)
+    chunks = build_internvl_chunks(spec, layout, SEQ, vision_pad_heads_to=2)
+    for chunk in chunks:
+        cpu_platform.adapt_model_config(chunk.config)
+    counts = freeze_for_stage(chunks, stage)
+    before = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters()}
+    model = wrap_with_ddp(chunks, chunks[0].config)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2), model)
+    optimizer.zero_grad()
+    loss = step(model, layout, packed_microbatches(spec_name))
+    optimizer.step()
+    moved = sorted(
+        {
+            n.split(".", 1)[0]
+            for c in chunks
+            for n, p in c.named_parameters()
+            if not torch.equal(p, before[n])
+        }
+    )
+    state_numel = sum(
+        state["exp_avg"].numel()
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+        for state in inner.optimizer.state.values()
+    )
+    return {"loss": loss, "moved": moved, "counts": counts, "optimizer_state_numel": state_numel}

@@ -119,6 +119,7 @@ def _tiling_graph(paths, index_paths, shard_id, num_shards, cfg: TilingPipelineC
         # Each epoch then ends on a batch boundary (last sample repeated) and the next starts
         # at the shard's start; the loader drops the repeats.
         pad_last_batch=True,
+        stick_to_shard=True,
         name=READER_NAME,
     )
     source_info = fn.get_property(encoded, key="source_info")
