@@ -50,7 +50,7 @@ def add_image_placeholders(
 ) -> list[dict[str, Any]]:
     """Copy of `conversation` with one `<image>` per image in its human turns.
 
-    Follows InternVL's dataset code: with no `<image>` anywhere, the first human turn gets
+    Follows InternVL's dataset code: with no `<image>` in any human turn, the first one gets
     `<image>\\n` (one image) or `Image-1: <image>\\nImage-2: <image>\\n...` (several). A partial
     count is ambiguous (which image goes where?) and is refused, as InternVL's assert does.
     """

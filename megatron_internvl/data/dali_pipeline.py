@@ -116,10 +116,11 @@ def _tiling_graph(paths, index_paths, shard_id, num_shards, cfg: TilingPipelineC
         random_shuffle=cfg.random_shuffle,
         initial_fill=cfg.initial_fill,
         missing_component_behavior="error",
-        # Each epoch then ends on a batch boundary (last sample repeated) and the next starts
-        # at the shard's start; the loader drops the repeats.
-        pad_last_batch=True,
+        # A rank reads the same slice every epoch (DALI otherwise rotates slices between ranks,
+        # so a rank's epoch length would change), and each epoch ends on a batch boundary (the
+        # last sample repeated; the loader drops the repeats) so the next starts cleanly.
         stick_to_shard=True,
+        pad_last_batch=True,
         name=READER_NAME,
     )
     source_info = fn.get_property(encoded, key="source_info")
@@ -171,7 +172,7 @@ def build_tiling_pipeline(
     shard_id: int = 0,
     num_shards: int = 1,
 ) -> Pipeline:
-    """Build (not run) the DALI pipeline; `shard_id`/`num_shards` are the data-parallel rank/size.
+    """Build the DALI pipeline, ready to run; `shard_id`/`num_shards`: data-parallel rank/size.
 
     Outputs per sample: grid (cols, rows) int32, the normalised grid image [3, rows*S, cols*S],
     the normalised thumbnail [3, S, S], the metadata bytes and the source info bytes.

@@ -13,7 +13,8 @@ Labels come out shifted per sub-sample: `labels[t]` is the target of the predict
 t (Megatron's convention, so the loss does no shift). Shifting after packing would make the last
 token of one sample predict the first token of the next.
 
-Loss weights: for a sub-sample with x supervised tokens every supervised token weighs 1
+Loss weights: for a sub-sample with x supervised tokens (counted on the shifted labels; the
+same count, as a sample never supervises its first token) every supervised token weighs 1
 ("token"), 1/x ("sample") or x**-0.5 ("square", InternVL 2.5's default); the loss is
 sum(w * CE) / sum(w). Padding fills the tail of a row as its own final segment, with label -100
 and weight 0.

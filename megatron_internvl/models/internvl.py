@@ -18,8 +18,9 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_internvl.config.precision import PrecisionConfig
 from megatron_internvl.models.registry import InternVLSpec
-from megatron_internvl.models.specs import block_spec, local_layer_spec
+from megatron_internvl.models.specs import BACKENDS, Backend, block_spec, get_backend
 from megatron_internvl.models.vision import (
     InternViT,
     VisionProjector,
@@ -44,6 +45,7 @@ class InternVLModel(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
+        backend: Backend = BACKENDS["local"],
     ) -> None:
         super().__init__(config=language_config)
         self.spec = spec
@@ -54,13 +56,15 @@ class InternVLModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.has_vision = pre_process and vision_config is not None
         if self.has_vision:
-            self.vision_model = InternViT(vision_config, spec.vision)
+            self.vision_model = InternViT(vision_config, spec.vision, backend)
             self.vision_projection = VisionProjector(
                 projector_cfg, input_size=spec.projector_input_size
             )
         self.language_model = GPTModel(
             config=language_config,
-            transformer_layer_spec=block_spec(language_config, local_layer_spec(), vp_stage),
+            transformer_layer_spec=block_spec(
+                language_config, backend.layer(), vp_stage, backend.final_norm()
+            ),
             vocab_size=spec.language.vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -158,17 +162,30 @@ def build_internvl_chunks(
     max_sequence_length: int,
     first_stage_layers: int | None = None,
     vision_pad_heads_to: int | None = None,
+    backend: str = "local",
+    precision: PrecisionConfig | None = None,
     **language_overrides: Any,
 ) -> list[InternVLModel]:
     """This rank's InternVL chunks.
 
     `first_stage_layers` gives pipeline stage 0 fewer LLM layers, since it also runs the ViT;
-    `vision_pad_heads_to` is the ViT's head-padding multiple (see vision_transformer_config).
+    `vision_pad_heads_to` is the ViT's head-padding multiple (see vision_transformer_config);
+    `backend` is "local" or "te" (Transformer Engine, needed for FP8).
     """
-    overrides = dict(language_overrides)
+    chosen = get_backend(backend)
+    precision = precision or PrecisionConfig()
+    if precision.fp8_recipe and not chosen.supports_fp8:
+        raise ValueError(
+            f"FP8 recipe {precision.fp8_recipe!r} needs the Transformer Engine backend; "
+            f"set backend='te' (installed with the gpu extra) or fp8_recipe=None"
+        )
+    numerics = precision.transformer_overrides()
+    overrides = {**numerics, **language_overrides}
     if first_stage_layers is not None and layout.pipeline > 1:
         overrides["num_layers_in_first_pipeline_stage"] = first_stage_layers
     language_config = spec.language.transformer_config(layout, **overrides)
+    # Settings every sub-model must share (e.g. meta-device builds skip initialization).
+    shared = {k: v for k, v in language_overrides.items() if k in ("perform_initialization",)}
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -180,15 +197,22 @@ def build_internvl_chunks(
                 spec,
                 language_config,
                 (
-                    vision_transformer_config(spec.vision, layout, vision_pad_heads_to)
+                    vision_transformer_config(
+                        spec.vision, layout, vision_pad_heads_to, **numerics, **shared
+                    )
                     if first
                     else None
                 ),
-                projector_config(spec.language.hidden_size, layout) if first else None,
+                (
+                    projector_config(spec.language.hidden_size, layout, **numerics, **shared)
+                    if first
+                    else None
+                ),
                 max_sequence_length,
                 pre_process=first,
                 post_process=last,
                 vp_stage=stage,
+                backend=chosen,
             )
         )
     return chunks

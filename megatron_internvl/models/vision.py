@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_internvl.models.local_layers import LocalNorm
-from megatron_internvl.models.specs import local_layer_spec
+from megatron_internvl.models.specs import BACKENDS, Backend
 from megatron_internvl.models.vision_config import VisionConfig
 from megatron_internvl.parallel.collectives import all_reduce_sum
 from megatron_internvl.parallel.layout import ParallelLayout
@@ -148,15 +148,6 @@ class FullWidthQKNorm(torch.nn.Module):
         return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
 
 
-class QKVWithoutBias(tensor_parallel.ColumnParallelLinear):
-    """Fused QKV without bias: Megatron ties the QKV bias to add_bias_linear, but InternViT-6B
-    has biases on every linear except QKV."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["bias"] = False
-        super().__init__(*args, **kwargs)
-
-
 class InternViTLayer(TransformerLayer):
     """Megatron's TransformerLayer with InternViT's layer-scaled, drop-path residuals."""
 
@@ -175,9 +166,10 @@ class InternViTLayer(TransformerLayer):
         self.mlp_bda = ScaledResidual(config, layer_scale_init, rate)
 
 
-def internvit_layer_spec(vision: VisionConfig) -> ModuleSpec:
-    """Bidirectional local-backend layer with InternViT's residuals and (6B) full-width QK-norm."""
-    spec = local_layer_spec(attn_mask_type=AttnMaskType.no_mask)
+def internvit_layer_spec(vision: VisionConfig, backend: Backend) -> ModuleSpec:
+    """Bidirectional layer (padded keys masked) with InternViT's residuals and (6B) full-width
+    QK-norm, from `backend`'s modules."""
+    spec = backend.layer(AttnMaskType.padding, qkv_bias=vision.qkv_bias)
     steps = max(vision.num_layers - 1, 1)
     rates = [vision.drop_path_rate * i / steps for i in range(vision.num_layers)]  # linspace
     spec.module = InternViTLayer
@@ -186,8 +178,6 @@ def internvit_layer_spec(vision: VisionConfig) -> ModuleSpec:
         "drop_path_rates": tuple(rates),
     }
     attention = spec.submodules.self_attention.submodules
-    if not vision.qkv_bias:
-        attention.linear_qkv = QKVWithoutBias
     if vision.qk_norm:
         qk_norm = ModuleSpec(
             module=FullWidthQKNorm, params={"real_heads": vision.num_attention_heads}
@@ -234,16 +224,17 @@ class InternViT(MegatronModule):
     """Images [n, 3, H, W] -> last-layer patch features [n, patches, C] (class token dropped)."""
 
     def __init__(
-        self, config: TransformerConfig, vision: VisionConfig, seq_pad_multiple: int = 1
+        self, config: TransformerConfig, vision: VisionConfig, backend: Backend = BACKENDS["local"]
     ) -> None:
         super().__init__(config=config)
         self.vision = vision
         self.embeddings = InternViTEmbeddings(vision, config.params_dtype)
         self.encoder = TransformerBlock(
-            config, internvit_layer_spec(vision), pre_process=True, post_process=False
+            config, internvit_layer_spec(vision, backend), pre_process=True, post_process=False
         )
+        # 1025 tokens: pad for SP (divisible by TP) and FP8 GEMMs (multiples of 16).
         tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
-        self.seq_pad_multiple = math.lcm(seq_pad_multiple, tp)
+        self.seq_pad_multiple = math.lcm(16 if config.fp8 else 1, tp)
         zero_dummy_heads(self, vision.num_attention_heads)
 
     def forward(self, pixels_nchw: torch.Tensor) -> torch.Tensor:
