@@ -76,7 +76,12 @@ def unpacked_microbatches(spec_name: str, seed: int = 0) -> list[dict[str, Any]]
     return batches
 
 
-def build(spec_name: str, layout: ParallelLayout, first_stage_layers: int | None = None):
+def build(
+    spec_name: str,
+    layout: ParallelLayout,
+    first_stage_layers: int | None = None,
+    use_distributed_optimizer: bool = False,
+):
     spec = get_spec(spec_name)
     # Pad ViT heads for TP=2 in every layout (the reference too), so checkpoints share shapes;
     # tests/test_vision.py proves padded heads change nothing.
@@ -85,7 +90,7 @@ def build(spec_name: str, layout: ParallelLayout, first_stage_layers: int | None
     )
     for chunk in chunks:
         cpu_platform.adapt_model_config(chunk.config)
-    return wrap_with_ddp(chunks, chunks[0].config)
+    return wrap_with_ddp(chunks, chunks[0].config, use_distributed_optimizer)
 
 
 def step(chunks, layout: ParallelLayout, batches) -> float:
@@ -150,3 +155,18 @@ def frozen_stage_step(tmp: str, spec_name: str, stage: str, layout: ParallelLayo
         for state in inner.optimizer.state.values()
     )
     return {"loss": loss, "moved": moved, "counts": counts, "optimizer_state_numel": state_numel}
+
+
+def distributed_optimizer_parity(tmp: str, spec_name: str, layout: ParallelLayout) -> dict:
+    """One clipped Adam step of the whole model: distributed optimizer at `layout` vs plain."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    batches = packed_microbatches(spec_name)
+    return parity.compare_optimizer_step(
+        Path(tmp),
+        lambda at, distributed: build(spec_name, at, use_distributed_optimizer=distributed),
+        lambda chunks, at: step(chunks, at, batches),
+        layout,
+        # adam_eps 1e-4: see tests/gpt_cases.py
+        OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.1, weight_decay=0.05, adam_eps=1e-4),
+    )

@@ -7,6 +7,7 @@ TP/PP/VPP/CP layout can be compared against a plain model, parameter by paramete
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_internvl.parallel.layout import ParallelLayout
@@ -134,3 +136,51 @@ def compare_layouts(
         diffs = max_abs_diff(full_named(gathered), ref_grads)
         report[str(layout)] = {"loss": loss, "grad_diff": max(diffs.values()), "diffs": diffs}
     return report
+
+
+def compare_optimizer_step(
+    tmp: Path,
+    build: Callable[[ParallelLayout, bool], list[torch.nn.Module]],
+    step: Callable[[list[torch.nn.Module], ParallelLayout], float],
+    layout: ParallelLayout,
+    optimizer_config: OptimizerConfig,
+) -> dict[str, Any]:
+    """One optimizer step with the distributed optimizer at `layout` vs the plain optimizer on
+    one rank's layout: loss, grad norm, and how far the stepped parameters are apart.
+
+    `build(layout, use_distributed_optimizer)` returns DDP-wrapped chunks.
+    """
+    reference = ParallelLayout()
+    use_layout(reference)
+    initial_chunks = build(reference, False)
+    initial = full_named(initial_chunks)
+    save_sharded(initial_chunks, tmp / "weights")
+
+    def run(at: ParallelLayout, distributed: bool):
+        use_layout(at)
+        chunks = build(at, distributed)
+        load_sharded(chunks, tmp / "weights")
+        config = dataclasses.replace(optimizer_config, use_distributed_optimizer=distributed)
+        optimizer = get_megatron_optimizer(config, chunks)
+        optimizer.zero_grad()
+        loss = step(chunks, at)
+        ok, grad_norm, _ = optimizer.step()
+        assert ok, "optimizer step was skipped"
+        return chunks, loss, float(grad_norm)
+
+    ref_chunks, ref_loss, ref_norm = run(reference, False)
+    ref_params = full_named(ref_chunks)
+    chunks, loss, norm = run(layout, True)
+    save_sharded(chunks, tmp / "stepped")
+    use_layout(reference)
+    gathered = build(reference, False)
+    load_sharded(gathered, tmp / "stepped")
+    diffs = max_abs_diff(full_named(gathered), ref_params)
+    return {
+        "reference_loss": ref_loss,
+        "loss": loss,
+        "reference_grad_norm": ref_norm,
+        "grad_norm": norm,
+        "param_diff": max(diffs.values()),
+        "update_size": max(float((ref_params[k] - v).abs().max()) for k, v in initial.items()),
+    }

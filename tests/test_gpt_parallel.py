@@ -57,9 +57,7 @@ def test_distributed_optimizer_step_matches_plain_optimizer(tmp_path):
         # Clipping (clip_grad=0.05 < grad norm) and Adam ran: parameters moved, identically.
         assert result["reference_grad_norm"] > 0.05
         assert result["update_size"] > 1e-3
-        # Adam's first step is ~lr * sign(grad), so reduction-order noise (~1e-8) in a
-        # near-zero gradient moves that parameter by a visible fraction of lr: allow 0.1% of lr.
-        assert result["param_diff"] < 1e-3 * gpt_cases.ADAM_LR
+        assert result["param_diff"] < 1e-6
 
 
 def test_checkpoint_saved_at_tp2_reloads_at_tp1(tmp_path):

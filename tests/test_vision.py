@@ -140,3 +140,24 @@ def test_vit_and_projector_match_transformers(single_rank, vision, pad_heads_to)
         shuffled = pixel_shuffle(ours(pixels).reshape(3, grid, grid, -1))
         projected = projector(shuffled.flatten(1, 2))
     torch.testing.assert_close(projected, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_drop_path_drops_whole_samples_with_linspace_rates(single_rank):
+    from megatron_internvl.models.specs import BACKENDS
+    from megatron_internvl.models.vision import ScaledResidual, internvit_layer_spec
+
+    vision = VisionConfig(**{**VIT_300M_STYLE.__dict__, "num_layers": 5, "drop_path_rate": 0.4})
+    assert internvit_layer_spec(vision, BACKENDS["local"]).params["drop_path_rates"] == (
+        pytest.approx((0.0, 0.1, 0.2, 0.3, 0.4))
+    )
+    config = vision_transformer_config(vision, ParallelLayout())
+    residual_branch = ScaledResidual(config, init=0.5, drop_path=0.5)
+    x, residual = torch.randn(7, 64, 32), torch.randn(7, 64, 32)
+    torch.manual_seed(0)
+    out = residual_branch(True, False)((x, None), residual, 0.0)
+    kept = (out - residual).abs().amax(dim=(0, 2)) > 0  # per sample (dim 1 is the batch)
+    assert 10 < int(kept.sum()) < 54  # about half the samples keep the branch
+    torch.testing.assert_close(out[:, kept], residual[:, kept] + x[:, kept] * 0.5 / 0.5)
+    torch.testing.assert_close(out[:, ~kept], residual[:, ~kept])
+    evaluated = residual_branch(False, False)((x, None), residual, 0.0)
+    torch.testing.assert_close(evaluated, residual + 0.5 * x)
