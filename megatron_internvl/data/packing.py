@@ -211,8 +211,34 @@ class SequencePacker:
             payload=sample.payload,
         )
 
+    def open_rows(self) -> list[list[Sample]]:
+        """The samples of each open row, in buffer order (what a loader saves to resume)."""
+        return [list(row.samples) for row in self.open]
+
+    def restore(self, rows: Sequence[Sequence[Sample]], stats: PackingStats) -> None:
+        """Replace the buffer with rows saved by `open_rows` (same order) and the saved stats.
+
+        Buffer order matters: best-fit and "emit the fullest" break ties by position.
+        """
+        self.open = [
+            _OpenRow(
+                samples=list(samples),
+                tokens=sum(len(s.input_ids) for s in samples),
+                tiles=sum(s.num_tiles for s in samples),
+            )
+            for samples in rows
+        ]
+        self.stats = stats
+
     def _close(self, row: _OpenRow) -> PackedRow:
         self.open.remove(row)
+        self.stats.rows += 1
+        self.stats.tokens += row.tokens
+        return self.build_row(row.samples)
+
+    def build_row(self, samples: Sequence[Sample]) -> PackedRow:
+        """Lay `samples` out in one row (no bookkeeping: also rebuilds a saved row)."""
+        row = _OpenRow(samples=list(samples), tokens=sum(len(s.input_ids) for s in samples))
         seq = self.cfg.seq_length
         input_ids = np.full(seq, self.cfg.pad_token_id, dtype=np.int64)
         labels = np.full(seq, IGNORE_INDEX, dtype=np.int64)
@@ -234,8 +260,6 @@ class SequencePacker:
         if start < seq:  # padding: its own segment, so no real token attends to it
             position_ids[start:] = np.arange(seq - start)
             cu_seqlens.append(seq)
-        self.stats.rows += 1
-        self.stats.tokens += row.tokens
         return PackedRow(
             input_ids=input_ids,
             labels=labels,

@@ -1,0 +1,193 @@
+"""Reading and writing HF safetensors checkpoints one file at a time.
+
+Reading lists every tensor's name, shape and dtype from the file headers alone (no data), so a
+checkpoint is validated before any weight is read; then files are opened one after another.
+Writing plans the shards from shapes first (so names say `-of-N`), then fills and writes each
+shard as soon as its tensors are ready.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from megatron_internvl.checkpoint.errors import ConversionError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+"""Files next to the weights that a converted checkpoint carries along unchanged."""
+
+_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ConversionError(
+            f"{path}: cannot read it as safetensors ({error}); the file is truncated or not a "
+            f"safetensors file: re-download or re-save it"
+        ) from error
+
+
+class HFSource:
+    """The tensors of a safetensors checkpoint directory: names, shapes, dtypes and files."""
+
+    def __init__(self, hf_dir: Path | str) -> None:
+        self.dir = Path(hf_dir)
+        if not self.dir.is_dir():
+            raise ConversionError(f"{self.dir}: no such checkpoint directory")
+        self.files = self._weight_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in self.files:
+            with _open(path) as handle:
+                for name in handle.keys():
+                    if name in self.tensors:
+                        raise ConversionError(
+                            f"{path}: tensor {name!r} is also in {self.tensors[name].file.name}; "
+                            f"a checkpoint holds each tensor once"
+                        )
+                    piece = handle.get_slice(name)
+                    dtype = _DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise ConversionError(
+                            f"{path}: tensor {name!r} has dtype {piece.get_dtype()}; expected "
+                            f"one of {sorted(_DTYPES)}"
+                        )
+                    self.tensors[name] = TensorInfo(path, tuple(piece.get_shape()), dtype)
+        self._check_index()
+
+    def _weight_files(self) -> list[Path]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(self.weight_map.values()))
+            missing = [n for n in names if not (self.dir / n).is_file()]
+            if missing:
+                raise ConversionError(
+                    f"{index}: lists {missing} but {'it is' if len(missing) == 1 else 'they are'} "
+                    f"not in {self.dir}; copy the missing shard files"
+                )
+            return [self.dir / n for n in names]
+        self.weight_map = None
+        if (self.dir / SINGLE_NAME).is_file():
+            return [self.dir / SINGLE_NAME]
+        found = sorted(self.dir.glob("*.safetensors"))
+        if not found:
+            others = sorted(p.name for p in self.dir.glob("*.bin"))
+            raise ConversionError(
+                f"{self.dir}: no *.safetensors files (found {others or 'none'}); expected "
+                f"{SINGLE_NAME} or shards listed in {INDEX_NAME}. Re-save .bin checkpoints "
+                f"with save_pretrained(safe_serialization=True)"
+            )
+        return found
+
+    def _check_index(self) -> None:
+        if self.weight_map is None:
+            return
+        for name, file in self.weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != file:
+                where = "no file" if info is None else info.file.name
+                raise ConversionError(
+                    f"{self.dir / INDEX_NAME}: says {name!r} is in {file}, but it is in {where}; "
+                    f"the index does not match the shards"
+                )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most of the tensors have."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def stream(self, log: Callable[[str], None]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor, one file open at a time."""
+        for number, path in enumerate(self.files, 1):
+            size = path.stat().st_size
+            log(f"reading {number}/{len(self.files)} {path.name} ({size / 2**30:.2f} GiB)")
+            with _open(path) as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+
+    def copy_extras(self, out_dir: Path) -> list[str]:
+        """Copy tokenizer (and processor) files found next to the weights into `out_dir`."""
+        return copy_extras(self.dir, out_dir)
+
+
+def copy_extras(src: Path, out_dir: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(src) / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in order: a new shard starts when the next tensor would pass `max_shard_bytes`
+    (a tensor larger than the limit gets a shard of its own)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, size in sizes:
+        if current and used + size > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_name(number: int, total: int) -> str:
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+def write_shard(out_dir: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    # "format": "pt" is what transformers checks before loading a safetensors file.
+    save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    index = {
+        "metadata": {"total_size": total_bytes},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,155 @@
+"""The run configuration: what a Hydra recipe resolves to, as typed dataclasses.
+
+Hydra composes `recipes/`; `load_run_config` turns the result into these dataclasses (OmegaConf
+checks types and unknown keys), and `megatron_internvl.config.validate` checks that the run can
+work at all before anything is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelSection:
+    flavour: str = "tiny_qwen_300m_style"
+    """Registry name (see `tools/model_info.py --list`)."""
+    num_layers: int | None = None
+    """Override the LLM depth (reduced-depth benchmarks and demos); None keeps the flavour's."""
+    vit_layers: int | None = None
+    """Override the ViT depth; None keeps the flavour's."""
+    backend: str = "local"
+    """"local" (any device) or "te" (Transformer Engine; needed for FP8)."""
+    dtype: str = "float32"
+    """"float32" or "bfloat16"."""
+    fp8_recipe: str | None = None
+    """None, "delayed", "tensorwise" or "mxfp8" (needs backend=te and dtype=bfloat16)."""
+    vision_pad_heads_to: int | None = None
+    """Pad ViT heads to a multiple of this (default: the TP size)."""
+    recompute: str | None = None
+    """Activation recomputation: None, "selective" (attention core) or "full" (whole layers)."""
+    vit_drop_path: float = 0.0
+    """ViT stochastic depth at the last layer (0.1 for 300M, 0.4 for 6B when the ViT trains)."""
+
+
+@dataclass
+class ParallelSection:
+    tensor: int = 1
+    """Tensor-parallel size."""
+    pipeline: int = 1
+    """Pipeline-parallel size."""
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B), or None."""
+    context: int = 1
+    """Context-parallel size (splits each packed row)."""
+    sequence_parallel: bool = False
+    """Sequence parallelism over the TP group."""
+    first_stage_layers: int | None = None
+    """LLM layers on pipeline stage 0 (which also runs the ViT); None splits evenly."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks."""
+    gpus: int | None = None
+    """The world size the recipe was laid out for (checked by the launcher), or None."""
+
+
+@dataclass
+class TrainSection:
+    stage: str = "2"
+    """"1" (projector), "1.5" (ViT + projector) or "2" (everything)."""
+    steps: int = 100
+    """Optimizer steps."""
+    global_batch: int = 8
+    """Packed rows per optimizer step, over all data-parallel ranks."""
+    micro_batch: int = 1
+    """Packed rows per forward pass."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; None uses warmup_fraction."""
+    warmup_fraction: float = 0.03
+    """Warm-up as a fraction of steps when warmup_steps is None."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm."""
+    seed: int = 1234
+    """Seed of model init, dropout and data order."""
+    nonfinite: str = "skip"
+    """What a NaN/Inf loss or gradient does: "skip" the step or "stop" the run."""
+    max_skipped_steps: int = 10
+    """Stop after this many skipped steps in a row."""
+
+
+@dataclass
+class DataSection:
+    source: str = "synthetic"
+    """"synthetic" (generated rows) or "shards" (WebDataset shards through DALI)."""
+    seq_length: int = 64
+    """Tokens per packed row."""
+    max_tiles_per_row: int = 48
+    """Image tiles per packed row."""
+    loss_reduction: str = "square"
+    """Per-sample loss weighting: "token", "sample" or "square"."""
+    shards: list[str] = field(default_factory=list)
+    """Shard paths or globs (source=shards)."""
+    weights: list[float] = field(default_factory=list)
+    """Mixture weights, one per entry of `shards` (empty: uniform)."""
+    tokenizer: str | None = None
+    """Directory of a HF tokenizer (source=shards)."""
+    max_tiles_per_image: int = 12
+    """Dynamic-tiling cap per image (12 in pretraining, 6 in fine-tuning)."""
+
+
+@dataclass
+class CheckpointSection:
+    save_every: int = 0
+    """Save every N steps (0: only at the end and on signals)."""
+    keep_last: int = 3
+    """Committed checkpoints to keep."""
+    resume: bool = True
+    """Resume from the latest committed checkpoint of this run if there is one."""
+    pretrained: str | None = None
+    """A converted checkpoint (model only) to start from when not resuming."""
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = 10
+    """Console and TensorBoard every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tensorboard."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device for MFU (None: 989 on H100/H200 bf16, none on CPU)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    """Experiment name: the run directory is <output_dir>/<name>."""
+    output_dir: str = "runs"
+    """Where run directories live."""
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    cluster: dict[str, Any] = field(default_factory=dict)
+    """Launcher settings (Slurm); ignored by training."""
+
+
+def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    """Merge a composed config onto the schema (type errors and unknown keys are raised here)."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,311 @@
+"""The training loop: model + data + optimizer + checkpoints + signals + logging.
+
+One call of `train(cfg)` per rank (torchrun or srun started the ranks). Every decision that one
+rank could see differently (a NaN, a signal) is all-reduced before anyone acts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from megatron_internvl.checkpoint import distributed as ckpt
+from megatron_internvl.config.precision import PrecisionConfig
+from megatron_internvl.config.schema import RunConfig
+from megatron_internvl.config.validate import validate
+from megatron_internvl.data.synthetic import SyntheticRows, SyntheticSpec
+from megatron_internvl.models.internvl import build_internvl_chunks
+from megatron_internvl.models.registry import InternVLSpec, get_spec
+from megatron_internvl.parallel import runtime
+from megatron_internvl.training.flops import training_flops
+from megatron_internvl.training.freezing import freeze_for_stage
+from megatron_internvl.training.metrics import MetricsLogger
+from megatron_internvl.training.signals import REQUEUE_EXIT_CODE, SignalWatcher
+from megatron_internvl.training.step import forward_backward, internvl_forward_step, wrap_with_ddp
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients became NaN/Inf and the run is configured to stop (or gave up)."""
+
+
+def resolved_spec(cfg: RunConfig) -> InternVLSpec:
+    """The registry flavour with the recipe's depth overrides applied."""
+    spec = get_spec(cfg.model.flavour)
+    if cfg.model.num_layers:
+        spec = dataclasses.replace(
+            spec, language=dataclasses.replace(spec.language, num_layers=cfg.model.num_layers)
+        )
+    vision = dataclasses.replace(
+        spec.vision,
+        num_layers=cfg.model.vit_layers or spec.vision.num_layers,
+        drop_path_rate=cfg.model.vit_drop_path,
+    )
+    return dataclasses.replace(spec, vision=vision)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _all_finite(model: list[torch.nn.Module], loss: float | None) -> bool:
+    """Collective: False on every rank if any rank sees a NaN/Inf loss or gradient."""
+    bad = loss is None or not math.isfinite(loss)
+    for chunk in model:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is not None and not torch.isfinite(grad).all():
+                bad = True
+                break
+    flag = torch.tensor([1.0 if bad else 0.0], device=torch.cuda.current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _optimizer(cfg: RunConfig, model: list[torch.nn.Module]):
+    t = cfg.train
+    bf16 = cfg.model.dtype == "bfloat16"
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        ),
+        model,
+    )
+
+
+def _scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_fraction * t.steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=t.steps,
+        lr_decay_style="cosine",
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+    )
+
+
+def train(cfg: RunConfig) -> int:
+    """Train per `cfg`; returns the process exit code (0, or REQUEUE_EXIT_CODE after a signal)."""
+    spec = resolved_spec(cfg)
+    world = dist.get_world_size() if dist.is_initialized() else _launcher_world_size()
+    layout = validate(cfg, spec, world)  # before anything is allocated
+    runtime.initialize(layout, seed=cfg.train.seed)
+    rank = dist.get_rank()
+    out = run_dir(cfg)
+    ckpt_root = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    chunks = build_internvl_chunks(
+        spec,
+        layout,
+        cfg.data.seq_length,
+        first_stage_layers=cfg.parallel.first_stage_layers,
+        vision_pad_heads_to=cfg.model.vision_pad_heads_to,
+        backend=cfg.model.backend,
+        precision=PrecisionConfig(cfg.model.dtype, cfg.model.fp8_recipe),
+        **_recompute_overrides(cfg.model.recompute),
+    )
+    for chunk in chunks:
+        runtime.adapt_model_config(chunk.config)
+    freeze_for_stage(chunks, cfg.train.stage)
+    model = wrap_with_ddp(chunks, chunks[0].config, cfg.parallel.distributed_optimizer)
+    optimizer = _optimizer(cfg, model)
+    scheduler = _scheduler(cfg, optimizer)
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    data = _data_source(cfg, spec, dp_rank, dp_size)
+    microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp_size)
+
+    step = 0
+    resume_from = ckpt.latest_committed(ckpt_root) if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        meta, per_rank = ckpt.load(resume_from, model, optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
+        step = meta["step"]
+        if per_rank is not None:
+            _set_rng_state(per_rank["rng"])
+            data.load_state_dict(per_rank["data"])
+        elif rank == 0:
+            print(
+                f"resume: {resume_from} was written by another world size; RNG and data "
+                "positions start fresh",
+                flush=True,
+            )
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
+    elif cfg.checkpoint.pretrained:
+        ckpt.load_model_only(cfg.checkpoint.pretrained, model)
+
+    logger = MetricsLogger(
+        out / "tensorboard" if cfg.logging.tensorboard else None, cfg.logging.log_every, rank == 0
+    )
+    watcher = SignalWatcher()
+
+    def save() -> None:
+        path = ckpt.save(
+            ckpt_root,
+            step,
+            model,
+            optimizer,
+            common={"scheduler": scheduler.state_dict()},
+            per_rank={"rng": _rng_state(), "data": data.state_dict()},
+            keep_last=cfg.checkpoint.keep_last,
+        )
+        if rank == 0:
+            print(f"saved {path}", flush=True)
+
+    skipped_in_row = 0
+    exit_code = 0
+    try:
+        while step < cfg.train.steps:
+            started = time.perf_counter()
+            rows = data.next_microbatches(microbatches)
+            optimizer.zero_grad()
+            loss = forward_backward(
+                internvl_forward_step,
+                [iter(rows) for _ in model] if len(model) > 1 else iter(rows),
+                model,
+                num_microbatches=microbatches,
+                seq_length=cfg.data.seq_length,
+                micro_batch_size=cfg.train.micro_batch,
+            )
+            finite = _all_finite(model, loss)
+            grad_norm = None
+            if finite:
+                _, grad_norm, _ = optimizer.step()
+                scheduler.step(increment=1)
+                skipped_in_row = 0
+            else:
+                skipped_in_row += 1
+                if cfg.train.nonfinite == "stop" or skipped_in_row > cfg.train.max_skipped_steps:
+                    raise NonFiniteError(
+                        f"step {step + 1}: non-finite loss or gradients "
+                        f"({skipped_in_row} in a row); set train.nonfinite=skip to skip such "
+                        "steps, or lower the learning rate"
+                    )
+            step += 1
+            flops = _step_flops(spec, rows, cfg.train.stage) * dp_size
+            logger.step(
+                step,
+                loss=loss,
+                lr=optimizer.param_groups[0]["lr"],
+                grad_norm=grad_norm,
+                skipped=not finite,
+                seconds=time.perf_counter() - started,
+                samples=_global_samples(rows, dp_size),
+                tokens=cfg.data.seq_length * cfg.train.global_batch,
+                flops=flops,
+                world_size=dist.get_world_size(),
+                peak_tflops=cfg.logging.peak_tflops,
+            )
+            if watcher.agreed():
+                save()
+                exit_code = REQUEUE_EXIT_CODE
+                if rank == 0:
+                    print(
+                        f"signal received: saved at step {step}, exiting with "
+                        f"{REQUEUE_EXIT_CODE} (requeue)",
+                        flush=True,
+                    )
+                break
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
+                save()
+        else:
+            if not ckpt.step_dir(ckpt_root, step).joinpath(ckpt.COMMIT_MARKER).exists():
+                save()
+    finally:
+        watcher.restore()
+        logger.close()
+    runtime.shutdown()
+    return exit_code
+
+
+def _recompute_overrides(recompute: str | None) -> dict[str, Any]:
+    if recompute is None:
+        return {}
+    if recompute == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    return {"recompute_granularity": "selective"}
+
+
+def _data_source(cfg: RunConfig, spec: InternVLSpec, dp_rank: int, dp_size: int):
+    if cfg.data.source == "synthetic":
+        synthetic = SyntheticSpec(
+            vocab_size=spec.language.vocab_size,
+            image_token_id=spec.image_token_id,
+            tokens_per_tile=spec.tokens_per_tile,
+            image_size=spec.vision.image_size,
+            seq_length=cfg.data.seq_length,
+        )
+        return SyntheticRows(synthetic, cfg.train.seed, dp_rank, dp_size)
+    raise ValueError(f"data.source={cfg.data.source!r} is not available yet; use 'synthetic'")
+
+
+def _launcher_world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _global_samples(rows: list[dict[str, Any]], dp_size: int) -> int:
+    return sum(len(row["cu_seqlens"]) - 1 for row in rows) * dp_size
+
+
+def _step_flops(spec: InternVLSpec, rows: list[dict[str, Any]], stage: str) -> float:
+    total = 0.0
+    for row in rows:
+        bounds = row["cu_seqlens"].tolist()
+        lengths = [b - a for a, b in itertools.pairwise(bounds)]
+        tiles = 0 if row.get("images") is None else row["images"].size(0)
+        total += training_flops(spec, lengths, tiles, stage)
+    return total
