@@ -43,7 +43,7 @@ from megatron_internvl.checkpoint.hf_mappings import (
     table_for,
 )
 from megatron_internvl.checkpoint.hf_transforms import TRANSFORMS, ShapeContext
-from megatron_internvl.models.registry import InternVLSpec, get_spec
+from megatron_internvl.models.registry import InternVLSpec, get_spec, spec_from_dict
 
 Log = Callable[[str], None]
 CONVERSION_INFO = "internvl_conversion.json"
@@ -395,6 +395,20 @@ def pieces_to_megatron(
 # --- export ---------------------------------------------------------------------------------
 
 
+def _resolve_training_checkpoint(path: Path, log: Log) -> Path:
+    """A training run's checkpoints/ folder (or its run folder) -> its latest committed step."""
+    from megatron_internvl.checkpoint.distributed import latest_committed
+
+    if (path / "metadata.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = latest_committed(root)
+        if latest is not None:
+            log(f"using the latest committed checkpoint {latest}")
+            return latest
+    return path
+
+
 def read_conversion_info(ckpt_dir: Path | str) -> dict[str, Any]:
     """The converter's record next to a dist checkpoint ({} for checkpoints saved by training)."""
     path = Path(ckpt_dir) / CONVERSION_INFO
@@ -456,15 +470,20 @@ def megatron_to_hf(
     checkpoint's). Tokenizer files come from `tokenizer_dir`, else from the checkpoint's
     `hf_tokenizer/` (kept at import).
     """
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = _resolve_training_checkpoint(Path(ckpt_dir), log)
     if hf_layout not in HF_LAYOUTS:
         raise ConversionError(f"hf_layout={hf_layout!r}: use one of {HF_LAYOUTS}")
     metadata = _checkpoint_metadata(ckpt_dir)
     info = read_conversion_info(ckpt_dir)
-    spec_name = spec_name or info.get("flavour")
-    if spec_name is None:
-        raise ConversionError(f"{ckpt_dir}: no {CONVERSION_INFO} names the flavour; pass spec_name")
-    spec = get_spec(spec_name)
+    if spec_name is None and "spec" in info:  # saved by training: the exact (resized) shape
+        spec = spec_from_dict(info["spec"])
+    else:
+        spec_name = spec_name or info.get("flavour")
+        if spec_name is None:
+            raise ConversionError(
+                f"{ckpt_dir}: no {CONVERSION_INFO} names the flavour; pass spec_name"
+            )
+        spec = get_spec(spec_name)
     if _VIT_QKV_KEY not in metadata:
         raise ConversionError(
             f"{ckpt_dir}: no {_VIT_QKV_KEY}; expected an InternVL checkpoint with its ViT"
@@ -484,8 +503,10 @@ def megatron_to_hf(
         tensors = _model_tensors(model)
         _check_covered(tensors, entries, ())
         log(f"loading {ckpt_dir}")
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-        model.load_state_dict(loaded)
+        wanted = model.sharded_state_dict()
+        loaded = dist_checkpointing.load(wanted, str(ckpt_dir))
+        # A training checkpoint also holds the optimizer's common state: keep the model's keys.
+        model.load_state_dict({key: loaded[key] for key in wanted})
         _write_hf(entries, tensors, ctx, file_name, out_dtype, max_shard_bytes, tmp, log)
         config = (
             hf_config.native_config_dict(spec, _DTYPE_NAMES[out_dtype])

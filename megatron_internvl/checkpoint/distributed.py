@@ -67,8 +67,12 @@ def save(
     common: dict[str, Any],
     per_rank: dict[str, Any],
     keep_last: int | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the committed directory."""
+    """Collective: every rank calls it. Returns the committed directory.
+
+    `extra_files` (relative path -> bytes) are written by rank 0 before the commit marker.
+    """
     path = step_dir(root, step)
     rank = dist.get_rank()
     if rank == 0:
@@ -85,6 +89,9 @@ def save(
     torch.save(per_rank, path / f"rank_{rank:05d}.pt")
     dist.barrier()  # everything is on disk before the marker says so
     if rank == 0:
+        for name, data in (extra_files or {}).items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_bytes(data)
         _fsync_write(path / "meta.json", json.dumps({"step": step, **common}, indent=1))
         _fsync_write(path / COMMIT_MARKER, f"{step}\n")
         if keep_last:

@@ -282,6 +282,21 @@ REGISTRY: dict[str, InternVLSpec] = {spec.name: spec for spec in _SPECS}
 """All flavours by name."""
 
 
+def spec_to_dict(spec: InternVLSpec) -> dict:
+    """A JSON-able record of `spec` (for checkpoints whose shape differs from the registry's)."""
+    import dataclasses
+
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(record: dict) -> InternVLSpec:
+    """Inverse of `spec_to_dict`."""
+    fields = dict(record)
+    fields["vision"] = VisionConfig(**fields["vision"])
+    fields["language"] = LanguageConfig(**fields["language"])
+    return InternVLSpec(**fields)
+
+
 def get_spec(name: str) -> InternVLSpec:
     """The flavour called `name`; KeyError listing the known names otherwise."""
     try:

@@ -129,7 +129,8 @@ def _scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
 
 def train(cfg: RunConfig) -> int:
     """Train per `cfg`; returns the process exit code (0, or REQUEUE_EXIT_CODE after a signal)."""
-    spec = resolved_spec(cfg)
+    tokenizer = load_tokenizer(cfg)
+    spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
     world = dist.get_world_size() if dist.is_initialized() else _launcher_world_size()
     layout = validate(cfg, spec, world)  # before anything is allocated
     runtime.initialize(layout, seed=cfg.train.seed)
@@ -159,7 +160,7 @@ def train(cfg: RunConfig) -> int:
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    data = _data_source(cfg, spec, dp_rank, dp_size)
+    data = _data_source(cfg, spec, dp_rank, dp_size, tokenizer)
     microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp_size)
 
     step = 0
@@ -187,6 +188,8 @@ def train(cfg: RunConfig) -> int:
     )
     watcher = SignalWatcher()
 
+    export_files = _export_record(cfg, spec) if rank == 0 else {}
+
     def save() -> None:
         path = ckpt.save(
             ckpt_root,
@@ -196,6 +199,7 @@ def train(cfg: RunConfig) -> int:
             common={"scheduler": scheduler.state_dict()},
             per_rank={"rng": _rng_state(), "data": data.state_dict()},
             keep_last=cfg.checkpoint.keep_last,
+            extra_files=export_files,
         )
         if rank == 0:
             print(f"saved {path}", flush=True)
@@ -266,6 +270,26 @@ def train(cfg: RunConfig) -> int:
     return exit_code
 
 
+def _export_record(cfg: RunConfig, spec: InternVLSpec) -> dict[str, bytes]:
+    """What tools/convert_hf.py needs to export a training checkpoint: the exact model shape
+    (the flavour resized to the tokenizer) and the tokenizer files."""
+    from megatron_internvl.checkpoint.convert import CONVERSION_INFO, TOKENIZER_SUBDIR
+    from megatron_internvl.models.registry import spec_to_dict
+
+    record = {
+        "flavour": spec.name,
+        "spec": spec_to_dict(spec),
+        "dtype": cfg.model.dtype,
+        "source": f"training run {cfg.name}",
+    }
+    files = {CONVERSION_INFO: json.dumps(record, indent=1).encode()}
+    if cfg.data.tokenizer:
+        for item in Path(cfg.data.tokenizer).iterdir():
+            if item.is_file():
+                files[f"{TOKENIZER_SUBDIR}/{item.name}"] = item.read_bytes()
+    return files
+
+
 def _recompute_overrides(recompute: str | None) -> dict[str, Any]:
     if recompute is None:
         return {}
@@ -278,7 +302,78 @@ def _recompute_overrides(recompute: str | None) -> dict[str, Any]:
     return {"recompute_granularity": "selective"}
 
 
-def _data_source(cfg: RunConfig, spec: InternVLSpec, dp_rank: int, dp_size: int):
+class ShardSource:
+    """The shard loader seen as the loop's data source (micro-batches by count, state)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def next_microbatches(self, count: int) -> list[dict[str, Any]]:
+        return [next(self.loader) for _ in range(count)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def load_tokenizer(cfg: RunConfig) -> Any | None:
+    if cfg.data.source != "shards":
+        return None
+    if not cfg.data.tokenizer:
+        raise ValueError("data.source=shards needs data.tokenizer (a HF tokenizer directory)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+
+
+def fit_spec_to_tokenizer(spec: InternVLSpec, tokenizer: Any | None) -> InternVLSpec:
+    """Embeddings sized to the tokenizer and its `<IMG_CONTEXT>` id, as InternVL resizes them."""
+    if tokenizer is None:
+        return spec
+    from megatron_internvl.data.chat import IMG_CONTEXT
+
+    image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+    language = dataclasses.replace(spec.language, vocab_size=len(tokenizer))
+    return dataclasses.replace(spec, language=language, image_token_id=image_token_id)
+
+
+def _data_source(
+    cfg: RunConfig, spec: InternVLSpec, dp_rank: int, dp_size: int, tokenizer: Any = None
+):
+    if cfg.data.source == "shards":
+        from megatron_internvl.data.loader import (
+            DatasetSpec,
+            InternVLLoader,
+            LoaderConfig,
+            shard_list,
+        )
+        from megatron_internvl.data.tiler import TilerConfig
+
+        weights = cfg.data.weights or [1.0] * len(cfg.data.shards)
+        if len(weights) != len(cfg.data.shards):
+            raise ValueError(
+                f"data.weights has {len(weights)} entries for {len(cfg.data.shards)} shard sets"
+            )
+        datasets = [
+            DatasetSpec(name=str(path), shards=shard_list([path]), weight=weight)
+            for path, weight in zip(cfg.data.shards, weights, strict=True)
+        ]
+        loader_cfg = LoaderConfig(
+            seq_length=cfg.data.seq_length,
+            max_tiles_per_row=cfg.data.max_tiles_per_row,
+            loss_reduction=cfg.data.loss_reduction,
+            tokens_per_tile=spec.tokens_per_tile,
+            seed=cfg.train.seed,
+            skip_check_after=50,
+            tiler=TilerConfig(
+                image_size=spec.vision.image_size,
+                max_num=cfg.data.max_tiles_per_image,
+                device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
+            ),
+        )
+        return ShardSource(InternVLLoader(datasets, tokenizer, loader_cfg, dp_rank, dp_size))
     if cfg.data.source == "synthetic":
         synthetic = SyntheticSpec(
             vocab_size=spec.language.vocab_size,
@@ -288,7 +383,7 @@ def _data_source(cfg: RunConfig, spec: InternVLSpec, dp_rank: int, dp_size: int)
             seq_length=cfg.data.seq_length,
         )
         return SyntheticRows(synthetic, cfg.train.seed, dp_rank, dp_size)
-    raise ValueError(f"data.source={cfg.data.source!r} is not available yet; use 'synthetic'")
+    raise ValueError(f"data.source={cfg.data.source!r}; use 'synthetic' or 'shards'")
 
 
 def _launcher_world_size() -> int:
