@@ -29,10 +29,15 @@ def compose(overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_internvl.config.schema import load_run_config
+    from megatron_internvl.config.validate import RecipeError
     from megatron_internvl.training.loop import train
 
     cfg = load_run_config(compose(list(sys.argv[1:] if argv is None else argv)))
-    return train(cfg)
+    try:
+        return train(cfg)
+    except RecipeError as error:  # nothing was allocated: say what to change, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -90,6 +90,10 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
         errors.append("FP8 needs the Transformer Engine backend: set model.backend=te")
     if cfg.model.fp8_recipe and cfg.model.dtype != "bfloat16":
         errors.append("FP8 needs model.dtype=bfloat16")
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        errors.append("data.source=shards needs data.shards=[<shard dir or .tar>, ...]")
+    if cfg.data.source == "shards" and not cfg.data.tokenizer:
+        errors.append("data.source=shards needs data.tokenizer=<HF tokenizer directory>")
     if cfg.train.stage not in ("1", "1.5", "2"):
         errors.append(f"train.stage={cfg.train.stage!r}; use '1', '1.5' or '2'")
     if cfg.train.nonfinite not in ("skip", "stop"):

@@ -129,10 +129,10 @@ def _scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
 
 def train(cfg: RunConfig) -> int:
     """Train per `cfg`; returns the process exit code (0, or REQUEUE_EXIT_CODE after a signal)."""
+    world = dist.get_world_size() if dist.is_initialized() else _launcher_world_size()
+    layout = validate(cfg, resolved_spec(cfg), world)  # before anything is allocated
     tokenizer = load_tokenizer(cfg)
     spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
-    world = dist.get_world_size() if dist.is_initialized() else _launcher_world_size()
-    layout = validate(cfg, spec, world)  # before anything is allocated
     runtime.initialize(layout, seed=cfg.train.seed)
     rank = dist.get_rank()
     out = run_dir(cfg)
