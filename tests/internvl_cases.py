@@ -81,12 +81,18 @@ def build(
     layout: ParallelLayout,
     first_stage_layers: int | None = None,
     use_distributed_optimizer: bool = False,
+    recompute: str | None = None,
 ):
     spec = get_spec(spec_name)
     # Pad ViT heads for TP=2 in every layout (the reference too), so checkpoints share shapes;
     # tests/test_vision.py proves padded heads change nothing.
+    extra = (
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+        if recompute == "full"
+        else {}
+    )
     chunks = build_internvl_chunks(
-        spec, layout, SEQ, first_stage_layers=first_stage_layers, vision_pad_heads_to=2
+        spec, layout, SEQ, first_stage_layers=first_stage_layers, vision_pad_heads_to=2, **extra
     )
     for chunk in chunks:
         cpu_platform.adapt_model_config(chunk.config)
@@ -112,12 +118,13 @@ def layout_parity(
     layouts: list[ParallelLayout],
     first_stage_layers: int | None = None,
     packed: bool = True,
+    recompute: str | None = None,
 ) -> dict[str, Any]:
     """Loss and gradient differences of the whole InternVL model against one rank."""
     batches = packed_microbatches(spec_name) if packed else unpacked_microbatches(spec_name)
     return parity.compare_layouts(
         Path(tmp),
-        lambda layout: build(spec_name, layout, first_stage_layers),
+        lambda layout: build(spec_name, layout, first_stage_layers, recompute=recompute),
         lambda chunks, layout: step(chunks, layout, batches),
         layouts,
     )

@@ -83,3 +83,16 @@ def test_distributed_optimizer_with_tp2_dp2_matches_plain_optimizer(tmp_path):
     assert result["reference_grad_norm"] > 0.1  # clipping ran
     assert result["update_size"] > 1e-3
     assert result["param_diff"] < 1e-6
+
+
+def test_activation_recomputation_gives_the_same_gradients(tmp_path):
+    layouts = [ParallelLayout(tensor=2, sequence_parallel=True)]
+    report = run_on_ranks(
+        internvl_cases.layout_parity,
+        2,
+        str(tmp_path),
+        FLAVOURS[0],
+        layouts,
+        recompute="full",
+    )[0]
+    _assert_match(report, layouts)

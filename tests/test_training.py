@@ -132,3 +132,28 @@ def test_an_interrupted_save_is_ignored_and_replaced(uninterrupted, tmp_path):
     resumed = _losses(tmp_path, "killed")
     assert resumed == {s: expected[s] for s in range(9, STEPS + 1)}
     assert committed_steps(tmp_path / "killed" / "checkpoints") == [8, 12]
+
+
+def _nan_on_rank_one() -> list[bool]:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_internvl.training.loop import _all_finite
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.main_grad = torch.ones(3)
+    if dist.get_rank() == 1:
+        param.main_grad[1] = float("nan")
+    chunk = torch.nn.Module()
+    chunk.p = param
+    nan_grad_on_one_rank = _all_finite([chunk], 2.5)
+    param.main_grad.fill_(1.0)
+    all_finite = _all_finite([chunk], 2.5)
+    inf_loss_on_one_rank = _all_finite([chunk], float("inf") if dist.get_rank() == 0 else 2.5)
+    return [nan_grad_on_one_rank, all_finite, inf_loss_on_one_rank]
+
+
+def test_a_nan_on_one_rank_is_agreed_by_all():
+    from tests.harness import run_on_ranks
+
+    assert run_on_ranks(_nan_on_rank_one, 2) == [[False, True, False]] * 2
