@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_internvl.checkpoint.distributed import COMMIT_MARKER, committed_steps
@@ -157,3 +158,72 @@ def test_a_nan_on_one_rank_is_agreed_by_all():
     from tests.harness import run_on_ranks
 
     assert run_on_ranks(_nan_on_rank_one, 2) == [[False, True, False]] * 2
+
+
+def test_async_saves_commit_and_resume_bit_exactly(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    flags = ("checkpoint.save_every=4", "checkpoint.keep_last=2", "checkpoint.async_save=true")
+    result = _run(tmp_path, "async", *flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "writing in the background" in result.stdout
+    assert _losses(tmp_path, "async") == expected  # saving in the background changes nothing
+    root = tmp_path / "async" / "checkpoints"
+    assert committed_steps(root) == [8, 12]
+    (root / f"step_{STEPS:08d}" / COMMIT_MARKER).unlink()
+    shutil.rmtree(tmp_path / "async" / "tensorboard")
+    resumed = _run(tmp_path, "async", *flags)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "at step 8" in resumed.stdout
+    assert _losses(tmp_path, "async") == {s: expected[s] for s in range(9, STEPS + 1)}
+
+
+def test_stage1_starts_from_converted_weights_and_trains_only_the_projector(tmp_path):
+    from tests.convert_cases import load_dir, make_native
+
+    make_native("tiny_qwen_300m_style", tmp_path / "hf")
+    convert = [sys.executable, "tools/convert_hf.py"]
+    env = _env()
+    subprocess.run(
+        [
+            *convert,
+            "to-megatron",
+            "--hf-dir",
+            str(tmp_path / "hf"),
+            "--model",
+            "tiny_qwen_300m_style",
+            "--out",
+            str(tmp_path / "mg"),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    result = _run(
+        tmp_path,
+        "stage1",
+        "train.stage=1",
+        f"checkpoint.pretrained={tmp_path / 'mg'}",
+        "train.steps=6",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    subprocess.run(
+        [
+            *convert,
+            "to-hf",
+            "--ckpt",
+            str(tmp_path / "stage1" / "checkpoints"),
+            "--out",
+            str(tmp_path / "export"),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    before, after = load_dir(tmp_path / "hf"), load_dir(tmp_path / "export")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)[:5]

@@ -59,6 +59,28 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
+class AsyncSaver:
+    """Checkpoints written in the background (Megatron's async dist checkpointing).
+
+    A save returns once the tensors are staged; the files are written by a background process
+    and the checkpoint is committed (meta.json, marker, pruning) when every rank has finished,
+    at a later `poll()` or at `close()`, which the loop calls before it exits.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue()
+
+    def poll(self, blocking: bool = False) -> None:
+        """Collective: commit every save that all ranks have finished writing."""
+        self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        self.poll(blocking=True)
+        self.queue.close()
+
+
 def save(
     root: str | os.PathLike,
     step: int,
@@ -68,10 +90,12 @@ def save(
     per_rank: dict[str, Any],
     keep_last: int | None = None,
     extra_files: dict[str, bytes] | None = None,
+    async_saver: AsyncSaver | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the committed directory.
+    """Collective: every rank calls it. Returns the checkpoint directory.
 
     `extra_files` (relative path -> bytes) are written by rank 0 before the commit marker.
+    With `async_saver` the directory is committed later, when every rank has written it.
     """
     path = step_dir(root, step)
     rank = dist.get_rank()
@@ -85,18 +109,27 @@ def save(
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
     }
-    dist_checkpointing.save(state, str(path))
     torch.save(per_rank, path / f"rank_{rank:05d}.pt")
+
+    def commit() -> None:  # runs when every rank has finished writing
+        if rank == 0:
+            for name, data in (extra_files or {}).items():
+                (path / name).parent.mkdir(parents=True, exist_ok=True)
+                (path / name).write_bytes(data)
+            _fsync_write(path / "meta.json", json.dumps({"step": step, **common}, indent=1))
+            _fsync_write(path / COMMIT_MARKER, f"{step}\n")
+            if keep_last:
+                for old in committed_steps(root)[:-keep_last]:
+                    shutil.rmtree(step_dir(root, old), ignore_errors=True)
+
+    if async_saver is not None:
+        request = dist_checkpointing.save(state, str(path), async_sharded_save=True)
+        request.add_finalize_fn(commit)
+        async_saver.queue.schedule_async_request(request)
+        return path
+    dist_checkpointing.save(state, str(path))
     dist.barrier()  # everything is on disk before the marker says so
-    if rank == 0:
-        for name, data in (extra_files or {}).items():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            (path / name).write_bytes(data)
-        _fsync_write(path / "meta.json", json.dumps({"step": step, **common}, indent=1))
-        _fsync_write(path / COMMIT_MARKER, f"{step}\n")
-        if keep_last:
-            for old in committed_steps(root)[:-keep_last]:
-                shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    commit()
     dist.barrier()
     return path
 

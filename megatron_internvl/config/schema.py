@@ -117,6 +117,8 @@ class CheckpointSection:
     """Save every N steps (0: only at the end and on signals)."""
     keep_last: int = 3
     """Committed checkpoints to keep."""
+    async_save: bool = False
+    """Write checkpoints in the background; committed once every rank has finished."""
     resume: bool = True
     """Resume from the latest committed checkpoint of this run if there is one."""
     pretrained: str | None = None

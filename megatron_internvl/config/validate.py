@@ -94,6 +94,13 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
         errors.append("data.source=shards needs data.shards=[<shard dir or .tar>, ...]")
     if cfg.data.source == "shards" and not cfg.data.tokenizer:
         errors.append("data.source=shards needs data.tokenizer=<HF tokenizer directory>")
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_fraction * t.steps)
+    if warmup >= t.steps:
+        errors.append(
+            f"the warm-up ({warmup} steps) must be shorter than train.steps={t.steps}; "
+            "lower train.warmup_steps or raise train.steps"
+        )
     if cfg.train.stage not in ("1", "1.5", "2"):
         errors.append(f"train.stage={cfg.train.stage!r}; use '1', '1.5' or '2'")
     if cfg.train.nonfinite not in ("skip", "stop"):

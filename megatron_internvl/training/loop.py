@@ -187,6 +187,7 @@ def train(cfg: RunConfig) -> int:
         out / "tensorboard" if cfg.logging.tensorboard else None, cfg.logging.log_every, rank == 0
     )
     watcher = SignalWatcher()
+    async_saver = ckpt.AsyncSaver() if cfg.checkpoint.async_save else None
 
     export_files = _export_record(cfg, spec) if rank == 0 else {}
 
@@ -200,9 +201,11 @@ def train(cfg: RunConfig) -> int:
             per_rank={"rng": _rng_state(), "data": data.state_dict()},
             keep_last=cfg.checkpoint.keep_last,
             extra_files=export_files,
+            async_saver=async_saver,
         )
         if rank == 0:
-            print(f"saved {path}", flush=True)
+            how = "writing in the background" if async_saver else "saved"
+            print(f"{how} {path}", flush=True)
 
     skipped_in_row = 0
     exit_code = 0
@@ -234,6 +237,8 @@ def train(cfg: RunConfig) -> int:
                         "steps, or lower the learning rate"
                     )
             step += 1
+            if async_saver is not None:
+                async_saver.poll()
             flops = _step_flops(spec, rows, cfg.train.stage) * dp_size
             logger.step(
                 step,
@@ -261,13 +266,23 @@ def train(cfg: RunConfig) -> int:
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
                 save()
         else:
-            if not ckpt.step_dir(ckpt_root, step).joinpath(ckpt.COMMIT_MARKER).exists():
+            if step not in _saved_steps(ckpt_root, async_saver):
                 save()
     finally:
+        if async_saver is not None:
+            async_saver.close()  # commit what is in flight before the process exits
         watcher.restore()
         logger.close()
     runtime.shutdown()
     return exit_code
+
+
+def _saved_steps(root: Path, async_saver: ckpt.AsyncSaver | None) -> set[int]:
+    """Steps committed, or (async) already being written: the final save must not repeat them."""
+    steps = set(ckpt.committed_steps(root))
+    if async_saver is not None and root.is_dir():
+        steps |= {int(p.name.split("_")[1]) for p in root.glob("step_*")}
+    return steps
 
 
 def _export_record(cfg: RunConfig, spec: InternVLSpec) -> dict[str, bytes]:
