@@ -227,3 +227,11 @@ def test_stage1_starts_from_converted_weights_and_trains_only_the_projector(tmp_
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("multi_modal_projector" in k for k in changed), sorted(changed)[:5]
+
+
+def test_bf16_training_runs_and_learns(tmp_path):
+    result = _run(tmp_path, "bf16", "model.dtype=bfloat16", "train.steps=8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = _losses(tmp_path, "bf16")
+    assert losses[8] < losses[1] - 0.3
+    assert "Overwriting old incomplete" not in result.stdout + result.stderr

@@ -109,7 +109,7 @@ def save(
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, metadata=_OPTIMIZER_FORMAT),
     }
-    torch.save(per_rank, path / f"rank_{rank:05d}.pt")
+    rank_file = path / f"rank_{rank:05d}.pt"  # written after Megatron checks the dir is empty
 
     def commit() -> None:  # runs when every rank has finished writing
         if rank == 0:
@@ -124,10 +124,12 @@ def save(
 
     if async_saver is not None:
         request = dist_checkpointing.save(state, str(path), async_sharded_save=True)
+        torch.save(per_rank, rank_file)
         request.add_finalize_fn(commit)
         async_saver.queue.schedule_async_request(request)
         return path
     dist_checkpointing.save(state, str(path))
+    torch.save(per_rank, rank_file)
     dist.barrier()  # everything is on disk before the marker says so
     commit()
     dist.barrier()
