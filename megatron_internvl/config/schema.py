@@ -148,7 +148,8 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     cluster: dict[str, Any] = field(default_factory=dict)
-    """Launcher settings (Slurm); ignored by training."""
+    """Launcher settings (recipes/cluster/, see launch/slurm.py ClusterConfig); ignored by
+    training except gpu_memory_gb (the recipe's memory check)."""
 
 
 def load_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:

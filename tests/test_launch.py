@@ -1,0 +1,146 @@
+"""The Slurm launcher: the 78B job on 128 nodes renders with a checked layout, bad requests are
+refused before sbatch, and the batch script requeues only a preempted run, up to its limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_internvl.launch.task import slurm_to_torch_env
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["data.shards=[/data/shards]", "data.tokenizer=/models/tok"]
+
+
+def _launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_internvl.launch", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+
+
+def _dry_run(*args: str) -> str:
+    result = _launch(*args, "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_78b_on_128_nodes_renders_a_checked_layout():
+    script = _dry_run(
+        "recipe=internvl2_5_78b_stage2", "cluster=h100_pyxis", "cluster.nodes=128", *DATA
+    )
+    for line in (
+        "#SBATCH --nodes=128",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --signal=USR1@300",
+        "#SBATCH --requeue",
+        "# Layout: tp8 x pp4 x cp1 x dp32 = 1024 ranks (128 nodes x 8 per node)",
+        "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+        'if [ "$rc" -eq 75 ]; then',
+    ):
+        assert line in script, line
+    assert "srun --kill-on-bad-exit=1" in script
+    assert "megatron_internvl.launch.task recipe=internvl2_5_78b_stage2" in script
+    check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_container_settings_reach_srun(tmp_path):
+    image = tmp_path / "img.sqsh"
+    image.write_bytes(b"")
+    script = _dry_run(
+        "recipe=internvl2_5_8b_stage2",
+        "cluster=h100_pyxis",
+        f"cluster.container_image={image}",
+        "cluster.container_mounts=[/d:/data]",
+        "+cluster.env.NCCL_DEBUG=WARN",
+        *DATA,
+    )
+    assert f"--container-image={image} --container-mounts=/d:/data" in script
+    assert "export NCCL_DEBUG=WARN" in script
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["recipe=internvl2_5_78b_stage2", "cluster=h100_pyxis", "cluster.nodes=3"],
+            "does not divide 24 GPUs",
+        ),
+        (
+            [
+                "recipe=internvl2_5_8b_stage2",
+                "cluster=h100_pyxis",
+                "cluster.container_image=/no/such/image.sqsh",
+            ],
+            "does not exist",
+        ),
+        (["recipe=internvl2_5_9b_stage2", "cluster=h100_pyxis"], "internvl2_5_8b_stage2"),
+        (
+            ["recipe=internvl2_5_8b_stage2", "cluster=h100_pyxis", "+cluster.gpu_count=8"],
+            "unknown cluster settings",
+        ),
+    ],
+)
+def test_impossible_requests_are_refused_before_sbatch(args, message):
+    result = _launch(*args, *DATA, env={"PATH": "/nonexistent"})  # sbatch unreachable anyway
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_slurm_task_variables_become_torch_ones():
+    env = {
+        "SLURM_PROCID": "9",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS_PER_NODE": "8(x2)",
+    }
+    assert slurm_to_torch_env(env) == {
+        "RANK": "9",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "8",
+    }
+
+
+def _fake_slurm(tmp_path: Path, srun_exit: int) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nexit {srun_exit}\n")
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\nif [ "$1" = show ]; then echo node1; else echo "$@" >> '
+        f"{tmp_path}/scontrol.log; fi\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize(
+    ("srun_exit", "attempt", "requeued", "status"),
+    [(75, 0, True, 0), (75, 3, False, 75), (1, 0, False, 1), (0, 0, False, 0)],
+)
+def test_batch_script_requeues_only_preempted_runs(tmp_path, srun_exit, attempt, requeued, status):
+    script = _dry_run("recipe=demo_cpu", "cluster=local_cpu", f"output_dir={tmp_path}")
+    bin_dir = _fake_slurm(tmp_path, srun_exit)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_RESTART_COUNT": str(attempt),
+        "SLURM_JOB_NODELIST": "node1",
+    }
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == status, result.stdout + result.stderr
+    log = tmp_path / "scontrol.log"
+    assert (log.read_text().strip() == "requeue 4242") if requeued else not log.exists()
+    assert (tmp_path / "demo_cpu" / "logs" / f"job4242-attempt{attempt}").is_dir()
