@@ -45,7 +45,7 @@ def test_78b_on_128_nodes_renders_a_checked_layout():
         "#SBATCH --requeue",
         "# Layout: tp8 x pp4 x cp1 x dp32 = 1024 ranks (128 nodes x 8 per node)",
         "export CUDA_DEVICE_MAX_CONNECTIONS=1",
-        'if [ "$rc" -eq 75 ]; then',
+        "export MEGATRON_INTERNVL_REQUEUE_FILE=",
     ):
         assert line in script, line
     assert "srun --kill-on-bad-exit=1" in script
@@ -113,9 +113,12 @@ def test_slurm_task_variables_become_torch_ones():
 
 
 def _fake_slurm(tmp_path: Path, srun_exit: int) -> Path:
+    """srun stand-in: exits with `srun_exit`; on 75 (or 143: a rank killed while exiting) rank 0
+    has written the requeue file first, as training does after a preemption save."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f"#!/bin/bash\nexit {srun_exit}\n")
+    writes = 'echo 4 > "$MEGATRON_INTERNVL_REQUEUE_FILE"' if srun_exit in (75, 143) else ""
+    (bin_dir / "srun").write_text(f"#!/bin/bash\n{writes}\nexit {srun_exit}\n")
     (bin_dir / "scontrol").write_text(
         '#!/bin/bash\nif [ "$1" = show ]; then echo node1; else echo "$@" >> '
         f"{tmp_path}/scontrol.log; fi\n"
@@ -127,7 +130,7 @@ def _fake_slurm(tmp_path: Path, srun_exit: int) -> Path:
 
 @pytest.mark.parametrize(
     ("srun_exit", "attempt", "requeued", "status"),
-    [(75, 0, True, 0), (75, 3, False, 75), (1, 0, False, 1), (0, 0, False, 0)],
+    [(75, 0, True, 0), (143, 0, True, 0), (75, 3, False, 75), (1, 0, False, 1), (0, 0, False, 0)],
 )
 def test_batch_script_requeues_only_preempted_runs(tmp_path, srun_exit, attempt, requeued, status):
     script = _dry_run("recipe=demo_cpu", "cluster=local_cpu", f"output_dir={tmp_path}")

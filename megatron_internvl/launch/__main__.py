@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(script)
         return 0
     path = out / "slurm" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    (out / "logs").mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script
     print(slurm.submit(script, Path(path)))
     print(f"script: {path}\nlogs: {out / 'logs'}\ntensorboard: {out / 'tensorboard'}")
     return 0

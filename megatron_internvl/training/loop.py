@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,11 @@ from megatron_internvl.parallel import runtime
 from megatron_internvl.training.flops import training_flops
 from megatron_internvl.training.freezing import freeze_for_stage
 from megatron_internvl.training.metrics import MetricsLogger
-from megatron_internvl.training.signals import REQUEUE_EXIT_CODE, SignalWatcher
+from megatron_internvl.training.signals import (
+    REQUEUE_EXIT_CODE,
+    REQUEUE_FILE_ENV,
+    SignalWatcher,
+)
 from megatron_internvl.training.step import forward_backward, internvl_forward_step, wrap_with_ddp
 
 
@@ -255,7 +260,12 @@ def train(cfg: RunConfig) -> int:
             )
             if watcher.agreed():
                 save()
+                if async_saver is not None:  # committed before anyone exits
+                    async_saver.close()
+                    async_saver = None
                 exit_code = REQUEUE_EXIT_CODE
+                if rank == 0 and os.environ.get(REQUEUE_FILE_ENV):
+                    Path(os.environ[REQUEUE_FILE_ENV]).write_text(f"{step}\n")
                 if rank == 0:
                     print(
                         f"signal received: saved at step {step}, exiting with "

@@ -17,6 +17,11 @@ REQUEUE_EXIT_CODE = 75
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+REQUEUE_FILE_ENV = "MEGATRON_INTERNVL_REQUEUE_FILE"
+"""If set, rank 0 also writes this file after the save, before exiting with REQUEUE_EXIT_CODE:
+under `srun --kill-on-bad-exit` the first rank to exit gets the others killed, so srun's own
+status may read "terminated" rather than 75; the file is what the batch script trusts."""
+
 
 class SignalWatcher:
     """Records SIGTERM/SIGUSR1 instead of dying; `agreed()` tells every rank the same."""
