@@ -1,20 +1,26 @@
 """Data throughput: our loader (DALI tiling + chat tokens + packing) vs InternVL's own path.
 
-Usage: python benchmarks/data_throughput.py [--samples 160] [--shards DIR] [--tokenizer DIR]
+Usage: python benchmarks/data_throughput.py [--device cpu|gpu] [--no-jpeg] [--samples 160]
+       [--repeats 3] [--shards DIR] [--tokenizer DIR]
 
-Both read the same shards in the same run. Without --shards, shards of scikit-image photos at
-camera-like sizes (one to three images per sample, some text-only) are written to a temp folder.
+Both read the same shards in the same run, rounds interleaved. Without --shards, shards of
+scikit-image photos at camera-like sizes (one to three images per sample, some text-only) are
+written to a temp folder.
 
-- ours: `InternVLLoader` end to end (read, DALI decode/resize/normalise with `num_threads`
-  threads, tile, tokenize, pack into rows of `--seq-length`, collate micro-batches), in the
-  main thread and behind a `Prefetcher` thread.
-- InternVL: per sample, PIL decode, `dynamic_preprocess` (same grid rule and per-image cap),
-  the per-tile transform (bicubic resize to 448, to tensor, ImageNet normalisation; torchvision's
-  ops written out with PIL/numpy, as torchvision is not installed) and `tokenize_conversation`
-  (no packing: our path does strictly more work). Run in the main process and with a torch
-  DataLoader of `--workers` worker processes, as InternVL trains.
+- ours: `InternVLLoader` end to end (read, DALI decode, bicubic resizes (`--device cpu`: torch's
+  uint8 kernel on `--threads` host threads; `gpu`: DALI "mixed" decoding and GPU resize), JPEG
+  re-compression, tiles, tokens, packing into rows of `--seq-length`, float micro-batches), in
+  the main thread and behind a `Prefetcher` thread.
+- InternVL: per sample, PIL decode, `dynamic_preprocess` (same grid rule and per-image cap)
+  and InternVL's training transform per tile (RGB, JPEG re-compression at a random quality in
+  75..100, Resize(448, BICUBIC), ToTensor, Normalize(ImageNet); torchvision's ops written out
+  in PIL/torch, as torchvision is not a dependency), then `tokenize_conversation` (no packing:
+  ours does strictly more work). Run in the main process and with a torch DataLoader of
+  `--workers` worker processes, as InternVL trains.
 
-JPEG re-compression is off in both. Throughput counts samples and tiles that came out.
+JPEG re-compression: InternVL draws a quality per tile, ours per image (grid image and
+thumbnail); the pixels compressed are the same. `--no-jpeg` turns it off in both (InternVL's
+evaluation transform). Throughput counts samples and tiles that came out.
 """
 
 from __future__ import annotations
@@ -22,26 +28,46 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import platform
+import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import skimage.data
-import torch
-from PIL import Image
-from transformers import AutoTokenizer
-
-from megatron_internvl.data.chat import tokenize_conversation
-from megatron_internvl.data.dali_pipeline import IMAGENET_MEAN, IMAGENET_STD
-from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, LoaderConfig, shard_list
-from megatron_internvl.data.prefetch import Prefetcher
-from megatron_internvl.data.shards import ShardReader, ShardWriter, read_index
-from megatron_internvl.data.tiler import TilerConfig
-from megatron_internvl.data.tiling import per_image_cap, tile_plan
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without `pip install -e .`
+
+import numpy as np  # noqa: E402
+import skimage.data  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from megatron_internvl.data.chat import tokenize_conversation  # noqa: E402
+from megatron_internvl.data.loader import (  # noqa: E402
+    DatasetSpec,
+    InternVLLoader,
+    LoaderConfig,
+    shard_list,
+)
+from megatron_internvl.data.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from megatron_internvl.data.prefetch import Prefetcher  # noqa: E402
+from megatron_internvl.data.shards import ShardReader, ShardWriter, read_index  # noqa: E402
+from megatron_internvl.data.tiler import TilerConfig  # noqa: E402
+from megatron_internvl.data.tiling import per_image_cap, tile_plan  # noqa: E402
+
 S = 448
+QUALITIES = (75, 100)  # InternVL's build_transform: qualities = range(75, 101)
+Result = tuple[float, int, int, float]
+"""(seconds, samples, tiles, CPU seconds of this process's threads and its worker processes)."""
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its children that have exited."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def make_shards(out: Path, n: int, seed: int = 0) -> tuple[str, ...]:
@@ -82,24 +108,36 @@ def dynamic_preprocess(image: Image.Image, max_num: int) -> list[Image.Image]:
     return tiles
 
 
-MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
-STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def transform(tile: Image.Image) -> torch.Tensor:
-    """RGB -> Resize((S, S), BICUBIC) -> ToTensor -> Normalize(ImageNet), as InternVL builds it."""
-    tile = tile.convert("RGB").resize((S, S), Image.Resampling.BICUBIC)
-    chw = np.asarray(tile, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return torch.from_numpy((chw - MEAN) / STD)
+def jpeg_degrade(image: Image.Image, quality: int) -> Image.Image:
+    """InternVL's `simulate_jpeg_degradation`: save as JPEG at `quality`, load it back."""
+    with io.BytesIO() as buffer:
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        return Image.open(buffer).copy()
+
+
+def transform(tile: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
+    """InternVL's `build_transform` per tile (training: with `rng`, a random JPEG quality)."""
+    tile = tile.convert("RGB") if tile.mode != "RGB" else tile
+    if rng is not None:  # T.RandomChoice over jpeg_degrade_functions
+        tile = jpeg_degrade(tile, int(rng.integers(QUALITIES[0], QUALITIES[1] + 1)))
+    tile = tile.resize((S, S), Image.Resampling.BICUBIC)  # T.Resize((S, S), BICUBIC)
+    # T.ToTensor then T.Normalize, as torchvision computes them.
+    chw = torch.from_numpy(np.array(tile, copy=True)).permute(2, 0, 1).contiguous()
+    return chw.to(torch.float32).div(255).sub_(MEAN).div_(STD)
 
 
 class InternVLDataset(torch.utils.data.Dataset):
     """One sample: (tiles_nchw or None, input_ids, labels), computed InternVL's way."""
 
-    def __init__(self, shards: tuple[str, ...], tokenizer_dir: str, max_num: int = 12) -> None:
+    def __init__(self, shards: tuple[str, ...], tokenizer_dir: str, jpeg: bool) -> None:
         self.entries = [e for shard in shards for e in read_index(shard)]
         self.tokenizer_dir = tokenizer_dir
-        self.max_num = max_num
+        self.jpeg = jpeg
         self.reader: ShardReader | None = None
         self.tokenizer = None
 
@@ -110,21 +148,26 @@ class InternVLDataset(torch.utils.data.Dataset):
         if self.reader is None:  # per worker process
             self.reader = ShardReader()
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        rng = np.random.default_rng(index) if self.jpeg else None
         raw = self.reader.read(self.entries[index % len(self.entries)])
-        cap = per_image_cap(self.max_num, max(1, len(raw.images)))
+        cap = per_image_cap(12, max(1, len(raw.images)))
         per_image = []
         for data in raw.images:
             image = Image.open(io.BytesIO(data)).convert("RGB")
-            per_image.append(torch.stack([transform(t) for t in dynamic_preprocess(image, cap)]))
+            tiles = [transform(t, rng) for t in dynamic_preprocess(image, cap)]
+            per_image.append(torch.stack(tiles))
         ids, labels = tokenize_conversation(
             raw.meta["conversations"], [t.shape[0] for t in per_image], self.tokenizer
         )
         return (torch.cat(per_image) if per_image else None), ids, labels
 
 
-def run_baseline(shards, tokenizer_dir: str, samples: int, workers: int) -> tuple[float, int, int]:
+def run_baseline(shards, tokenizer_dir: str, samples: int, workers: int, jpeg: bool) -> Result:
     """Seconds, samples and tiles for `samples` samples (after one warm-up sample per worker)."""
-    dataset = InternVLDataset(shards, tokenizer_dir)
+    dataset = InternVLDataset(shards, tokenizer_dir, jpeg)
+    threads = torch.get_num_threads()
+    if not workers:  # one torch thread, as in a DataLoader worker (torch sets it there)
+        torch.set_num_threads(1)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
@@ -136,85 +179,114 @@ def run_baseline(shards, tokenizer_dir: str, samples: int, workers: int) -> tupl
     items = iter(loader)
     for _ in range(max(1, workers)):  # warm-up: worker start, tokenizer load
         next(items)
-    start, tiles = time.perf_counter(), 0
+    start, tiles, cpu = time.perf_counter(), 0, cpu_seconds()
     for _ in range(samples):
         tiles_nchw, _, _ = next(items)
         tiles += 0 if tiles_nchw is None else tiles_nchw.shape[0]
-    return time.perf_counter() - start, samples, tiles
+    elapsed = time.perf_counter() - start
+    del items  # joins the workers, so that their CPU time is counted
+    cpu = cpu_seconds() - cpu
+    torch.set_num_threads(threads)
+    return elapsed, samples, tiles, cpu
 
 
-def run_ours(
-    shards,
-    tokenizer_dir: str,
-    samples: int,
-    seq_length: int,
-    threads: int,
-    device_id=None,
-    prefetch: int = 0,
-):
+def run_ours(shards, tokenizer_dir: str, samples: int, prefetch: int, args) -> Result:
     """Seconds, samples and tiles until `samples` packed samples came out in micro-batches."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LoaderConfig(
-        seq_length=seq_length,
+        seq_length=args.seq_length,
         shuffle=False,
-        tiler=TilerConfig(num_threads=threads, device_id=device_id),
+        tiler=TilerConfig(
+            num_threads=args.threads,
+            device_id=0 if args.device == "gpu" else None,
+            jpeg_quality=QUALITIES if args.jpeg else None,
+            resize=args.resize,
+        ),
     )
     loader = InternVLLoader([DatasetSpec("bench", shards)], tokenizer, cfg)
-    stats = loader.packing_stats
-    if prefetch:
-        loader = Prefetcher(loader, prefetch)
-    next(loader)  # warm-up: pipeline build, first allocations
-    start, done, tiles = time.perf_counter(), 0, 0
+    source = Prefetcher(loader, prefetch) if prefetch else loader
+    next(source)  # warm-up: pipeline build, first allocations
+    start, done, tiles, cpu = time.perf_counter(), 0, 0, cpu_seconds()
     while done < samples:
-        batch = next(loader)
+        batch = next(source)
         done += len(batch["sample_keys"])
         tiles += 0 if batch["images"] is None else batch["images"].shape[0]
+    if args.device == "gpu":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     if prefetch:
-        loader.close()
-    return elapsed, done, tiles, stats.fill_rate
+        source.close()
+    return elapsed, done, tiles, cpu_seconds() - cpu
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cpu}, {cores} usable cores, torch {torch.__version__} ({torch.get_num_threads()} thr)"
+    if device == "gpu":
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="ours: DALI on")
     parser.add_argument("--shards", type=Path, help="folder of shards (default: generated)")
     parser.add_argument("--tokenizer", default=str(ROOT / "demo" / "tokenizer"))
-    parser.add_argument("--samples", type=int, default=160)
+    parser.add_argument("--samples", type=int, default=160, help="timed samples per run")
     parser.add_argument("--seq-length", type=int, default=16384)
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads")
+    parser.add_argument("--threads", type=int, default=2, help="ours: DALI and host threads")
     parser.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
-    parser.add_argument("--device-id", type=int, default=None, help="GPU for DALI (mixed)")
+    parser.add_argument("--no-jpeg", dest="jpeg", action="store_false", help="both: no JPEG aug")
+    parser.add_argument("--resize", default="auto", choices=["auto", "dali", "host"])
     parser.add_argument("--repeats", type=int, default=3, help="rounds, pipelines interleaved")
     args = parser.parse_args()
-    where = "CPU" if args.device_id is None else f"GPU {args.device_id}"
-    names = [f"ours: DALI {where} ({args.threads} thr), prefetch {p}" for p in (0, 2)]
-    names += [f"InternVL: PIL path, {w} DataLoader workers" for w in sorted({0, args.workers})]
-    runs: dict[str, list[tuple[float, int, int]]] = {name: [] for name in names}
+    if args.device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu: torch sees no CUDA device")
+    where = f"DALI {args.device.upper()}, {args.threads} thr"
+    ours = [f"ours ({where}), prefetch {p}" for p in (0, 2)]
+    theirs = [f"InternVL PIL path, {w} DataLoader workers" for w in sorted({0, args.workers})]
+    runs: dict[str, list[Result]] = {name: [] for name in ours + theirs}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         shards = shard_list([args.shards]) if args.shards else make_shards(Path(tmp), 200)
         # Rounds interleave the pipelines so that load from other processes hits all of them.
         for _ in range(args.repeats):
-            for prefetch, name in zip((0, 2), names[:2], strict=True):
-                seconds, n, tiles, fill = run_ours(
-                    shards, args.tokenizer, args.samples, args.seq_length, args.threads,
-                    args.device_id, prefetch,
-                )  # fmt: skip
-                runs[name].append((seconds, n, tiles))
-            for workers, name in zip(sorted({0, args.workers}), names[2:], strict=True):
-                runs[name].append(run_baseline(shards, args.tokenizer, args.samples, workers))
-    print(f"\n{args.repeats} rounds of {args.samples} samples; best and median of the rounds")
-    header = f"{'pipeline':44s} {'samples/s':>9s} {'tiles/s':>8s} {'median tiles/s':>15s}"
-    print(header)
-    best = {}
+            for prefetch, name in zip((0, 2), ours, strict=True):
+                runs[name].append(run_ours(shards, args.tokenizer, args.samples, prefetch, args))
+            for workers, name in zip(sorted({0, args.workers}), theirs, strict=True):
+                result = run_baseline(shards, args.tokenizer, args.samples, workers, args.jpeg)
+                runs[name].append(result)
+    jpeg = f"JPEG re-compression {QUALITIES[0]}..{QUALITIES[1]}" if args.jpeg else "no JPEG"
+    print(f"\nmachine: {machine(args.device)}")
+    load_after = os.getloadavg()
+    print(f"load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}")
+    print(f"{args.repeats} rounds of {args.samples} samples, {jpeg}; best and median of rounds")
+    print(
+        f"{'pipeline':46s} {'samples/s':>9s} {'tiles/s':>8s} {'median tiles/s':>15s} "
+        f"{'CPU ms/tile':>11s}"
+    )
+    best, median, cpu = {}, {}, {}
     for name, results in runs.items():
-        rates = sorted((tiles / s, n / s) for s, n, tiles in results)
-        best[name] = rates[-1][0]
-        median = rates[len(rates) // 2][0]
-        print(f"{name:44s} {rates[-1][1]:9.2f} {rates[-1][0]:8.1f} {median:15.1f}")
-    ours = max(best[n] for n in names[:2])
-    for name in names[2:]:
-        print(f"tiles/s ratio, best of ours / {name}: {ours / best[name]:.2f}x")
-    print(f"packing fill rate (ours, seq_length {args.seq_length}): {100 * fill:.1f}%")
+        rates = sorted((tiles / s, n / s) for s, n, tiles, _ in results)
+        best[name], median[name] = rates[-1][0], rates[len(rates) // 2][0]
+        # CPU time per tile: less sensitive to other processes' load than wall time.
+        cpu[name] = min(1000 * c / tiles for _, _, tiles, c in results)
+        print(
+            f"{name:46s} {rates[-1][1]:9.2f} {rates[-1][0]:8.1f} {median[name]:15.1f} "
+            f"{cpu[name]:11.2f}"
+        )
+    top = max(ours, key=best.get)
+    for name in theirs:
+        print(
+            f"ratio {top.split(', ')[-1]} / {name}: tiles/s best {best[top] / best[name]:.2f}x, "
+            f"median {median[top] / median[name]:.2f}x; CPU per tile {cpu[name] / cpu[top]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,40 @@ def make_native(spec_name: str, out_dir: Path, seed: int = 0, shard: str = "40KB
     return model
 
 
+def write_random_native(spec: InternVLSpec, out_dir: Path, shard_bytes: int) -> list[int]:
+    """Random float32 tensors of transformers' native shapes for `spec`, in shards of at most
+    `shard_bytes` (a larger tensor gets its own), written one tensor at a time. Returns the
+    shard file sizes."""
+    import transformers
+
+    from megatron_internvl.checkpoint import hf_files
+    from megatron_internvl.checkpoint.hf_config import native_config
+    from megatron_internvl.checkpoint.hf_mappings import native_file_name
+
+    out_dir.mkdir(parents=True)
+    config = native_config(spec, "float32")
+    with torch.device("meta"):
+        model = transformers.InternVLForConditionalGeneration(config)
+    shapes = {native_file_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    sizes = [(name, 4 * torch.Size(shape).numel()) for name, shape in shapes.items()]
+    gen = torch.Generator().manual_seed(0)
+    weight_map, files = {}, []
+    shards = hf_files.plan_shards(sizes, shard_bytes)
+    for k, names in enumerate(shards):
+        file = hf_files.shard_name(k + 1, len(shards))
+        writer = hf_files.ShardWriter(
+            out_dir / file, [(n, shapes[n]) for n in names], torch.float32
+        )
+        for name in names:
+            writer.write(name, torch.randn(shapes[name], generator=gen))
+        writer.close()
+        weight_map.update(dict.fromkeys(names, file))
+        files.append((out_dir / file).stat().st_size)
+    hf_files.write_index(out_dir, weight_map, sum(size for _, size in sizes))
+    (out_dir / "config.json").write_text(config.to_json_string())
+    return files
+
+
 def original_shapes(spec: InternVLSpec) -> dict[str, tuple[int, ...]]:
     """The original InternVLChatModel tensor names and shapes, written out from the reference
     (internvl25.md section 6), independently of the converter's tables."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_internvl.checkpoint import convert, hf_files
+from megatron_internvl.checkpoint import convert, hf_files, megatron_files
 from megatron_internvl.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from megatron_internvl.checkpoint.errors import ConversionError
 from tests.convert_cases import make_native
@@ -149,6 +149,33 @@ def test_failure_midway_leaves_nothing(native_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         _convert(native_dir, tmp_path / "out")
     _no_leftovers(tmp_path / "out")
+
+
+def _fail_after(calls: int, function):
+    """`function`, raising on its `calls`-th call: a disk or read error half-way through."""
+    count = [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            raise OSError("read error half-way (simulated)")
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_failure_half_way_through_streaming_leaves_nothing(native_dir, tmp_path, monkeypatch):
+    _convert(native_dir, tmp_path / "mg")
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_files.HFSource, "read", _fail_after(20, hf_files.HFSource.read))
+        with pytest.raises(OSError, match="half-way"):
+            _convert(native_dir, tmp_path / "out")
+    _no_leftovers(tmp_path / "out")
+    with monkeypatch.context() as patch:
+        patch.setattr(megatron_files.Reader, "load", _fail_after(20, megatron_files.Reader.load))
+        with pytest.raises(OSError, match="half-way"):
+            megatron_to_hf(tmp_path / "mg", tmp_path / "back", max_shard_bytes=60_000, log=_quiet)
+    _no_leftovers(tmp_path / "back")
 
 
 def test_export_of_a_non_checkpoint_and_of_the_wrong_flavour(native_dir, tmp_path):

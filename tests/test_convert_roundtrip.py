@@ -1,5 +1,5 @@
-"""HF -> Megatron -> HF reproduces every tensor bit for bit in both layouts, and our original-layout
-import agrees with transformers' own original -> native conversion."""
+"""HF -> Megatron -> HF reproduces every tensor bit for bit in both layouts and both LLM
+families."""
 
 from __future__ import annotations
 

@@ -142,6 +142,20 @@ def test_vit_and_projector_match_transformers(single_rank, vision, pad_heads_to)
     torch.testing.assert_close(projected, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("vision", [VIT_300M_STYLE, VIT_6B_STYLE], ids=["300m", "6b"])
+def test_sequence_padding_for_fp8_is_masked(single_rank, vision):
+    """The 17-token tile sequence padded to 32 (what FP8 alignment does) changes no output."""
+    hf = _hf_model(vision)
+    ours = InternViT(vision_transformer_config(vision, ParallelLayout()), vision).eval()
+    load_hf_vision_into_ours(ours, hf.vision_tower, padded_heads=vision.num_attention_heads)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = hf.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+        ours.seq_pad_multiple = 16
+        padded = ours(pixels)
+    torch.testing.assert_close(padded, expected, atol=2e-5, rtol=1e-4)
+
+
 def test_drop_path_drops_whole_samples_with_linspace_rates(single_rank):
     from megatron_internvl.models.specs import BACKENDS
     from megatron_internvl.models.vision import ScaledResidual, internvit_layer_spec

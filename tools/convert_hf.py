@@ -19,6 +19,8 @@ The Megatron side loads at any TP/PP (dist_checkpointing reshards). Examples:
       --model internvl2_5_8b --dtype bfloat16
 
 Outputs appear only when complete; an existing output directory is refused without --force.
+Both directions stream one parameter at a time (memory stays near the largest shard, not the
+model); progress goes to stderr: a bar on a terminal, a line per 10% otherwise.
 """
 
 from __future__ import annotations

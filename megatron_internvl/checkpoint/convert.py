@@ -1,15 +1,17 @@
 """HF checkpoints <-> Megatron dist checkpoints of InternVL, driven by the tables in hf_mappings.
 
-The Megatron side is a `megatron.core.dist_checkpointing` checkpoint of the model's
-`sharded_state_dict()`, saved from a TP=1/PP=1 model built on CPU: dist_checkpointing reshards on
-load, so it loads at any TP/PP (and the ViT's padded head count, part of the shapes, is chosen
-here with `vision_pad_heads_to`).
+The Megatron side is a `megatron.core.dist_checkpointing` checkpoint of the `sharded_state_dict()`
+of a TP=1/PP=1 model built on the meta device: dist_checkpointing reshards on load, so it loads
+at any TP/PP (and the ViT's padded head count, part of the shapes, is chosen here with
+`vision_pad_heads_to`).
 
-Import streams the HF side: file headers are validated first (missing, unexpected and misshapen
-tensors are all reported before any data is read), then one safetensors file at a time is read
-into the model. Export loads the checkpoint into the same TP=1 model and writes HF shards one by
-one. The model itself is held in memory (in the checkpoint's dtype): peak memory is about the
-model's size plus one shard (see benchmarks/convert_memory.py).
+Both directions stream, one Megatron parameter at a time, so memory stays near the largest
+parameter rather than the model (benchmarks/convert_memory.py measures it). Import validates the
+HF file headers first (missing, unexpected and misshapen tensors are all reported before any
+data is read); then the dist-checkpoint writer asks for each parameter in turn and gets it made
+from just its HF tensors (megatron_files). Export reads one parameter at a time from the dist
+checkpoint and writes each HF tensor straight into its planned shard file (hf_files.ShardWriter).
+Progress, in bytes written, goes to stderr (checkpoint/progress.py).
 
 Outputs are written to a hidden temporary directory next to the target and renamed into place
 when complete, so a failed conversion leaves nothing that looks like a checkpoint.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,12 +29,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_internvl.checkpoint import hf_config, hf_files
+from megatron_internvl.checkpoint import hf_config, hf_files, megatron_files
 from megatron_internvl.checkpoint.errors import ConversionError
 from megatron_internvl.checkpoint.hf_mappings import (
     HF_LAYOUTS,
@@ -43,7 +46,12 @@ from megatron_internvl.checkpoint.hf_mappings import (
     table_for,
 )
 from megatron_internvl.checkpoint.hf_transforms import TRANSFORMS, ShapeContext
+from megatron_internvl.checkpoint.megatron_files import release_memory
+from megatron_internvl.checkpoint.progress import Progress
 from megatron_internvl.models.registry import InternVLSpec, get_spec, spec_from_dict
+
+if TYPE_CHECKING:
+    from megatron_internvl.config.precision import PrecisionConfig
 
 Log = Callable[[str], None]
 CONVERSION_INFO = "internvl_conversion.json"
@@ -120,28 +128,42 @@ def _one_rank_world() -> Iterator[None]:
     yield
 
 
-def _build(
-    spec: InternVLSpec, vit_padded_heads: int, dtype: torch.dtype, initialize: bool
-) -> torch.nn.Module:
+def _precision(dtype: torch.dtype) -> PrecisionConfig:
     from megatron_internvl.config.precision import PrecisionConfig
+
+    return PrecisionConfig(dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+
+
+def _build(spec: InternVLSpec, vit_padded_heads: int, dtype: torch.dtype) -> torch.nn.Module:
+    """The TP=1 model on the meta device: names, shapes and sharding, no memory."""
     from megatron_internvl.models.internvl import build_internvl_chunks
     from megatron_internvl.parallel.layout import ParallelLayout
 
-    precision = PrecisionConfig(dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
-    [model] = build_internvl_chunks(
-        spec,
-        ParallelLayout(),
-        max_sequence_length=4096,  # only sizes RoPE caches; no weight depends on it
-        vision_pad_heads_to=vit_padded_heads,  # a multiple >= the real heads: exactly this many
-        precision=precision,
-        perform_initialization=initialize,
-    )
+    with torch.device("meta"):
+        [model] = build_internvl_chunks(
+            spec,
+            ParallelLayout(),
+            max_sequence_length=4096,  # only sizes RoPE caches; no weight depends on it
+            vision_pad_heads_to=vit_padded_heads,  # a multiple >= the real heads: exactly this
+            precision=_precision(dtype),
+            perform_initialization=False,
+        )
     return model
 
 
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _fresh_projector(spec: InternVLSpec, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """A Megatron-initialised projector (the only part a stage-1 import does not read)."""
+    from megatron_internvl.models.vision import VisionProjector, projector_config
+    from megatron_internvl.parallel.layout import ParallelLayout
+
+    torch.manual_seed(seed)
+    config = projector_config(
+        spec.language.hidden_size, ParallelLayout(), **_precision(dtype).transformer_overrides()
+    )
+    projector = VisionProjector(config, input_size=spec.projector_input_size)
     return {
-        k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)
+        f"vision_projection.{k}": v.detach()
+        for k, v in megatron_files.model_tensors(projector).items()
     }
 
 
@@ -155,18 +177,10 @@ def _padded_heads(spec: InternVLSpec, vision_pad_heads_to: int | None) -> int:
 
 
 @dataclass
-class _Slot:
-    """One Megatron tensor being assembled from its HF parts."""
+class _Part:
+    """One HF tensor a Megatron parameter is made of, with the shape it must have."""
 
     entry: Entry
-    target: torch.Tensor
-    parts: list[torch.Tensor | None]
-
-
-@dataclass
-class _Part:
-    slot: _Slot
-    position: int
     shape: tuple[int, ...]
     min_rows: int | None
 
@@ -182,10 +196,9 @@ def _expected_parts(
         target = tensors[entry.megatron]
         transform = TRANSFORMS[entry.transform]
         shapes = transform.to_hf(ctx, torch.empty(target.shape, device="meta"))
-        slot = _Slot(entry, target, [None] * len(entry.hf))
         min_rows = transform.min_rows(ctx) if transform.min_rows else None
-        for position, (name, shape) in enumerate(zip(entry.hf, shapes, strict=True)):
-            by_hf.setdefault(name, []).append(_Part(slot, position, tuple(shape.shape), min_rows))
+        for name, shape in zip(entry.hf, shapes, strict=True):
+            by_hf.setdefault(name, []).append(_Part(entry, tuple(shape.shape), min_rows))
     return by_hf
 
 
@@ -224,7 +237,7 @@ def _validate(
                 rows = f" (>= {part.min_rows} rows)" if part.min_rows else ""
                 misshapen.append(
                     f"{name} (in {info.file.name}): found {list(info.shape)}, expected "
-                    f"{list(part.shape)}{rows} for {part.slot.entry.megatron}"
+                    f"{list(part.shape)}{rows} for {part.entry.megatron}"
                 )
     missing = [name for name in by_hf if name not in seen]
     problems = []
@@ -247,22 +260,31 @@ def _validate(
         )
 
 
-@torch.no_grad()
-def _fill(
-    source: hf_files.HFSource,
-    by_hf: dict[str, list[_Part]],
-    rename: Callable[[str], str],
+_Plan = tuple[hf_files.HFSource, list[Entry], Callable[[str], str]]
+"""A validated source, the table rows it feeds and its file-name -> table-name renaming."""
+
+
+def _materialiser(
+    plans: list[_Plan],
     ctx: ShapeContext,
-    log: Log,
-) -> None:
-    for name, tensor in source.stream(log):
-        for part in by_hf[rename(name)]:
-            slot = part.slot
-            slot.parts[part.position] = tensor
-            if all(p is not None for p in slot.parts):
-                value = TRANSFORMS[slot.entry.transform].to_megatron(ctx, *slot.parts)
-                slot.target.copy_(value)  # casts to the model's dtype
-                slot.parts = [None] * len(slot.parts)  # free the HF tensors now
+    dtype: torch.dtype,
+    fresh: dict[str, torch.Tensor] | None = None,
+) -> megatron_files.Materialise:
+    """Parameter name -> its value, read from just its HF tensors when the writer needs it."""
+    rows: dict[str, tuple[hf_files.HFSource, Entry, dict[str, str]]] = {}
+    for source, entries, rename in plans:
+        file_names = {rename(name): name for name in source.tensors}
+        rows.update({e.megatron: (source, e, file_names) for e in entries})
+
+    @torch.no_grad()
+    def materialise(name: str) -> torch.Tensor:
+        if fresh and name in fresh:
+            return fresh[name]
+        source, entry, file_names = rows[name]
+        parts = [source.read(file_names[hf]) for hf in entry.hf]
+        return TRANSFORMS[entry.transform].to_megatron(ctx, *parts).to(dtype)
+
+    return materialise
 
 
 def _check_covered(tensors: dict[str, torch.Tensor], entries: list[Entry], skip: tuple) -> None:
@@ -273,12 +295,19 @@ def _check_covered(tensors: dict[str, torch.Tensor], entries: list[Entry], skip:
 
 
 def _save_megatron(
-    model: torch.nn.Module, out: Path, spec: InternVLSpec, ctx: ShapeContext, info: dict
+    model: torch.nn.Module,
+    out: Path,
+    spec: InternVLSpec,
+    ctx: ShapeContext,
+    info: dict,
+    materialise: megatron_files.Materialise,
+    log: Log,
 ) -> None:
-    from megatron.core import dist_checkpointing
-
-    dist_checkpointing.save(model.sharded_state_dict(), str(out))
     dtype = next(model.parameters()).dtype
+    total = sum(t.numel() * t.element_size() for t in megatron_files.model_tensors(model).values())
+    log(f"writing dist checkpoint ({_DTYPE_NAMES[dtype]}, {total / 2**30:.2f} GiB)")
+    with Progress(total, "to-megatron", log) as progress:
+        megatron_files.save(model, out, materialise, progress.advance)
     record = {
         "flavour": spec.name,
         "vision_padded_heads": ctx.vit_padded_heads,
@@ -320,14 +349,13 @@ def hf_to_megatron(
     entries = expand(table_for(hf_layout, spec.llm_family), spec)
     what = f"the {hf_layout} {spec.llm_family} table for flavour {spec.name!r}"
     with staged_output(out_dir, force) as tmp, _one_rank_world():
-        model = _build(spec, ctx.vit_padded_heads, model_dtype, initialize=False)
-        tensors = _model_tensors(model)
+        model = _build(spec, ctx.vit_padded_heads, model_dtype)
+        tensors = megatron_files.model_tensors(model)
         _check_covered(tensors, entries, ())
-        by_hf = _expected_parts(entries, tensors, ctx)
-        _validate(source, by_hf, rename, what)
-        _fill(source, by_hf, rename, ctx, log)
-        log(f"saving dist checkpoint ({_DTYPE_NAMES[model_dtype]}) to {out_dir}")
-        _save_megatron(model, tmp, spec, ctx, {"source": str(source.dir), "hf_layout": hf_layout})
+        _validate(source, _expected_parts(entries, tensors, ctx), rename, what)
+        materialise = _materialiser([(source, entries, rename)], ctx, model_dtype)
+        info = {"source": str(source.dir), "hf_layout": hf_layout}
+        _save_megatron(model, tmp, spec, ctx, info, materialise, log)
         source.copy_extras(tmp / TOKENIZER_SUBDIR)
     return Path(out_dir)
 
@@ -371,23 +399,21 @@ def pieces_to_megatron(
     )
     ctx = ShapeContext.of(spec, _padded_heads(spec, vision_pad_heads_to))
     with staged_output(out_dir, force) as tmp, _one_rank_world():
-        torch.manual_seed(seed)
-        model = _build(spec, ctx.vit_padded_heads, model_dtype, initialize=True)
-        tensors = _model_tensors(model)
+        model = _build(spec, ctx.vit_padded_heads, model_dtype)
+        tensors = megatron_files.model_tensors(model)
         _check_covered(tensors, vision_entries + llm_entries, ("vision_projection.",))
-        plans = []
+        plans: list[_Plan] = []
         for source, entries, what in (
             (vision, vision_entries, "an InternViT checkpoint (InternVisionModel)"),
             (llm, llm_entries, f"a {family} LLM checkpoint"),
         ):
             by_hf = _expected_parts(entries, tensors, ctx)
             _validate(source, by_hf, lambda n: n, f"{what} for flavour {spec.name!r}")
-            plans.append((source, by_hf))
-        for source, by_hf in plans:
-            _fill(source, by_hf, lambda n: n, ctx, log)
-        log(f"saving dist checkpoint ({_DTYPE_NAMES[model_dtype]}) to {out_dir}")
+            plans.append((source, entries, lambda n: n))
+        fresh = _fresh_projector(spec, model_dtype, seed)
+        materialise = _materialiser(plans, ctx, model_dtype, fresh)
         info = {"source": [str(vision.dir), str(llm.dir)], "hf_layout": "pieces"}
-        _save_megatron(model, tmp, spec, ctx, info)
+        _save_megatron(model, tmp, spec, ctx, info, materialise, log)
         llm.copy_extras(tmp / TOKENIZER_SUBDIR)
     return Path(out_dir)
 
@@ -496,18 +522,18 @@ def megatron_to_hf(
     entries = expand(table_for(hf_layout, spec.llm_family), spec)
     file_name = native_file_name if hf_layout == "native" else (lambda n: n)
     with staged_output(out_dir, force) as tmp, _one_rank_world():
-        from megatron.core import dist_checkpointing
-
-        model = _build(spec, ctx.vit_padded_heads, ckpt_dtype, initialize=False)
+        model = _build(spec, ctx.vit_padded_heads, ckpt_dtype)
         _check_against_metadata(model, metadata, ckpt_dir, spec)
-        tensors = _model_tensors(model)
+        tensors = megatron_files.model_tensors(model)
         _check_covered(tensors, entries, ())
-        log(f"loading {ckpt_dir}")
-        wanted = model.sharded_state_dict()
-        loaded = dist_checkpointing.load(wanted, str(ckpt_dir))
-        # A training checkpoint also holds the optimizer's common state: keep the model's keys.
-        model.load_state_dict({key: loaded[key] for key in wanted})
-        _write_hf(entries, tensors, ctx, file_name, out_dtype, max_shard_bytes, tmp, log)
+        reader = megatron_files.Reader(model.sharded_state_dict(), ckpt_dir)
+        log(f"reading {ckpt_dir} one parameter at a time")
+
+        def read(name: str) -> torch.Tensor:
+            return reader.load([name])[name]
+
+        shards = _plan_hf(entries, tensors, ctx, file_name, out_dtype, max_shard_bytes)
+        _write_hf(entries, read, ctx, file_name, out_dtype, shards, tmp, log)
         config = (
             hf_config.native_config_dict(spec, _DTYPE_NAMES[out_dtype])
             if hf_layout == "native"
@@ -520,39 +546,60 @@ def megatron_to_hf(
     return Path(out_dir)
 
 
-@torch.no_grad()
-def _write_hf(
+def _plan_hf(
     entries: list[Entry],
     tensors: dict[str, torch.Tensor],
     ctx: ShapeContext,
     file_name: Callable[[str], str],
     dtype: torch.dtype,
     max_shard_bytes: int,
-    out: Path,
-    log: Log,
-) -> None:
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """The output shards, each a list of (file name, shape) in writing order, from shapes only."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = []
+    shapes: dict[str, tuple[int, ...]] = {}
     for entry in entries:
         meta = torch.empty(tensors[entry.megatron].shape, device="meta")
         for name, t in zip(entry.hf, TRANSFORMS[entry.transform].to_hf(ctx, meta), strict=True):
-            sizes.append((file_name(name), t.numel() * itemsize))
-    shards = hf_files.plan_shards(sizes, max_shard_bytes)
-    shard_of = {name: k for k, names in enumerate(shards) for name in names}
-    pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
-    weight_map = {}
-    for entry in entries:
-        outputs = TRANSFORMS[entry.transform].to_hf(ctx, tensors[entry.megatron].detach())
-        for name, t in zip(entry.hf, outputs, strict=True):
-            name = file_name(name)
-            k = shard_of[name]
-            # clone: safetensors refuses tensors that share storage (q/k/v views of one qkv)
-            pending[k][name] = t.to(dtype).contiguous().clone()
-            if len(pending[k]) == len(shards[k]):
+            shapes[file_name(name)] = tuple(t.shape)
+    sizes = [(name, math.prod(shape) * itemsize) for name, shape in shapes.items()]
+    return [
+        [(name, shapes[name]) for name in names]
+        for names in hf_files.plan_shards(sizes, max_shard_bytes)
+    ]
+
+
+@torch.no_grad()
+def _write_hf(
+    entries: list[Entry],
+    read: Callable[[str], torch.Tensor],
+    ctx: ShapeContext,
+    file_name: Callable[[str], str],
+    dtype: torch.dtype,
+    shards: list[list[tuple[str, tuple[int, ...]]]],
+    out: Path,
+    log: Log,
+) -> None:
+    """Each parameter read, split into its HF tensors and written into its shard at once."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = sum(math.prod(shape) * itemsize for shard in shards for _, shape in shard)
+    weight_map: dict[str, str] = {}
+    writer: hf_files.ShardWriter | None = None
+    k = 0  # the shard being written
+    with Progress(total, "to-hf", log) as progress:
+        for entry in entries:
+            outputs = TRANSFORMS[entry.transform].to_hf(ctx, read(entry.megatron))
+            for name, t in zip(entry.hf, outputs, strict=True):
                 shard = hf_files.shard_name(k + 1, len(shards))
-                hf_files.write_shard(out, shard, pending[k])
-                size = sum(v.numel() for v in pending[k].values()) * itemsize
-                log(f"wrote {k + 1}/{len(shards)} {shard} ({size / 2**30:.2f} GiB)")
-                weight_map.update(dict.fromkeys(pending[k], shard))
-                pending[k] = {}
-    hf_files.write_index(out, weight_map, sum(size for _, size in sizes))
+                if writer is None:
+                    writer = hf_files.ShardWriter(out / shard, shards[k], dtype)
+                writer.write(file_name(name), t.to(dtype))
+                progress.advance(t.numel() * itemsize)
+                if writer.complete:
+                    writer.close()
+                    weight_map.update({n: shard for n, _ in shards[k]})
+                    size = writer.path.stat().st_size
+                    log(f"wrote {k + 1}/{len(shards)} {shard} ({size / 2**30:.2f} GiB)")
+                    writer, k = None, k + 1
+            del outputs, t  # this parameter is on disk: free it before reading the next
+            release_memory()
+    hf_files.write_index(out, weight_map, total)

@@ -1,22 +1,25 @@
 """Reading and writing HF safetensors checkpoints one file at a time.
 
 Reading lists every tensor's name, shape and dtype from the file headers alone (no data), so a
-checkpoint is validated before any weight is read; then files are opened one after another.
-Writing plans the shards from shapes first (so names say `-of-N`), then fills and writes each
-shard as soon as its tensors are ready.
+checkpoint is validated before any weight is read; then tensors are read one at a time, in any
+order (each read maps its file only while it copies that one tensor out).
+Writing plans the shards from shapes first (so names say `-of-N` and each file's header is known
+before its data), then writes every tensor into its shard as soon as it is made: no shard is
+ever held in memory whole.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from collections.abc import Callable, Iterator
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from megatron_internvl.checkpoint.errors import ConversionError
 
@@ -44,6 +47,7 @@ _DTYPES = {
     "F16": torch.float16,
     "F64": torch.float64,
 }
+_DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -135,14 +139,14 @@ class HFSource:
             counts[info.dtype] = counts.get(info.dtype, 0) + 1
         return max(counts, key=counts.get) if counts else torch.float32
 
-    def stream(self, log: Callable[[str], None]) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) for every tensor, one file open at a time."""
-        for number, path in enumerate(self.files, 1):
-            size = path.stat().st_size
-            log(f"reading {number}/{len(self.files)} {path.name} ({size / 2**30:.2f} GiB)")
-            with _open(path) as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of its file (the file is mapped only during the copy)."""
+        path = self.tensors[name].file
+        with _open(path) as handle:
+            try:
+                return handle.get_tensor(name)
+            except (SafetensorError, OSError) as error:
+                raise ConversionError(f"{path}: cannot read tensor {name!r} ({error})") from error
 
     def copy_extras(self, out_dir: Path) -> list[str]:
         """Copy tokenizer (and processor) files found next to the weights into `out_dir`."""
@@ -180,9 +184,55 @@ def shard_name(number: int, total: int) -> str:
     return f"model-{number:05d}-of-{total:05d}.safetensors"
 
 
-def write_shard(out_dir: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    # "format": "pt" is what transformers checks before loading a safetensors file.
-    save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+class ShardWriter:
+    """One safetensors file written tensor by tensor, in the planned order.
+
+    The header (names, dtypes, shapes, byte ranges) is written first from the plan; each tensor
+    then goes straight to its place after it, so only the tensor being written is in memory.
+    """
+
+    def __init__(
+        self, path: Path, planned: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype
+    ) -> None:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}  # transformers checks it
+        start = 0
+        for name, shape in planned:
+            end = start + math.prod(shape) * itemsize
+            header[name] = {
+                "dtype": _DTYPE_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [start, end],
+            }
+            start = end
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format pads the header so data starts aligned
+        self.path = path
+        self.dtype = dtype
+        self._planned = list(planned)
+        self._written = 0
+        self._file: BinaryIO = open(path, "wb")  # closed by close()
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    @property
+    def complete(self) -> bool:
+        return self._written == len(self._planned)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected, shape = self._planned[self._written]
+        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != self.dtype:
+            raise AssertionError(
+                f"{self.path.name}: got {name} {tensor.dtype}{list(tensor.shape)}, planned "
+                f"{expected} {self.dtype}{list(shape)}"
+            )
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(raw.numpy().data)  # little-endian bytes, no copy
+        self._written += 1
+
+    def close(self) -> None:
+        self._file.close()
+        if not self.complete:
+            raise AssertionError(f"{self.path.name}: closed after {self._written} tensors")
 
 
 def write_index(out_dir: Path, weight_map: dict[str, str], total_bytes: int) -> None:

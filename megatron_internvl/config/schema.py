@@ -17,6 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 class ModelSection:
     flavour: str = "tiny_qwen_300m_style"
     """Registry name (see `tools/model_info.py --list`)."""
+    spec_file: str | None = None
+    """A JSON model shape (`models.registry.spec_to_dict`) used instead of `flavour`'s: shapes
+    that are not in the registry, e.g. the depth/width-scaled models of a sweep."""
     num_layers: int | None = None
     """Override the LLM depth (reduced-depth benchmarks and demos); None keeps the flavour's."""
     vit_layers: int | None = None

@@ -11,20 +11,21 @@ Design (DALI graphs are static, tile counts are not):
    correctly rounded in both Python and DALI, so the choice is bit-identical to the Python one
    (the DALI test checks this on many sizes). This avoids `fn.python_function`, which holds the
    GIL and does not work with pipelined / multi-process execution.
-3. The decoder (`"mixed"` with a GPU `device_id`, `"cpu"` with `device_id=None`, same graph)
-   yields RGB without EXIF rotation (PIL's `Image.open` does not rotate either, and the peeked
-   shape must agree with the decoded one). Fancy chroma upsampling is forced: libjpeg, and so
-   PIL, use it; nvJPEG does not by default.
-4. One bicubic, antialiased resize of the whole image to (cols * S, rows * S) and one to S x S
-   for the thumbnail (computed for every sample; dropped on the host for 1-tile images, since a
-   DALI batch cannot change its output count per sample).
-5. Training only: JPEG re-compression with a quality drawn uniformly from 75..100, applied to the
+3. `image_graph`, the part shared with the host-fed `tiler.ImageTiler`: the decoder (`"mixed"`
+   with a GPU `device_id`, `"cpu"` with `device_id=None`, same graph) yields RGB without EXIF
+   rotation (PIL's `Image.open` does not rotate either, and the peeked shape must agree with the
+   decoded one). Fancy chroma upsampling is forced: libjpeg, and so PIL, use it; nvJPEG does not
+   by default. Then one bicubic, antialiased resize of the whole image to (cols * S, rows * S)
+   and one to S x S for the thumbnail (computed for every sample; dropped on the host for 1-tile
+   images, since a DALI batch cannot change its output count per sample).
+4. Training only: JPEG re-compression with a quality drawn uniformly from 75..100, applied to the
    resized grid image and, independently, to the thumbnail. InternVL draws a quality per tile;
    here all tiles of one image share one. S = 448 is a multiple of the 16-pixel JPEG MCU, so
    blocks never straddle tiles, and compressing the grid image equals compressing its tiles
    apart from chroma upsampling at tile edges.
-6. `crop_mirror_normalize` to float CHW with ImageNet mean/std; tiles are then cut on the host
-   (`split_tiles`) by a reshape, row-major, thumbnail last: `tiles_nchw` [N, 3, S, S].
+5. uint8 HWC leaves DALI; tiles are cut (`pixels.cut_tiles`, row-major, thumbnail last) and
+   normalised with ImageNet mean/std (`pixels.normalize_tiles`) on the pipeline's device:
+   `tiles_nchw` [N, 3, S, S] float32.
 
 DALI's resize keeps float intermediates; PIL rounds to uint8 between its horizontal and vertical
 passes, so tiles differ from InternVL's PIL path by a few uint8 levels (the DALI test measures it).
@@ -35,7 +36,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import torch
@@ -43,11 +46,12 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from megatron_internvl.data.pixels import IMAGENET_MEAN, IMAGENET_STD, cut_tiles, normalize_tiles
 from megatron_internvl.data.tiling import Grid, candidate_grids
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TiledImageLoader", "TilingPipelineConfig"]
 READER_NAME = "shards"
+DataNode = Any  # nvidia.dali.data_node.DataNode; DALI's graph nodes are untyped
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,47 @@ def _grid_in_dali(width, height, cfg: TilingPipelineConfig):
     return cols, rows
 
 
+def decode(encoded: DataNode, device_id: int | None) -> DataNode:
+    """RGB uint8 HWC, as PIL decodes: no EXIF rotation, fancy chroma upsampling."""
+    return fn.decoders.image(
+        encoded,
+        device="cpu" if device_id is None else "mixed",
+        output_type=types.RGB,
+        adjust_orientation=False,
+        jpeg_fancy_upsampling=True,
+    )
+
+
+def distort(image: DataNode, quality: DataNode) -> DataNode:
+    """JPEG re-compression (encode + decode) at a per-sample int32 quality."""
+    return fn.jpeg_compression_distortion(image, quality=quality)
+
+
+def image_graph(
+    encoded: DataNode,
+    width: DataNode,
+    height: DataNode,
+    image_size: int,
+    device_id: int | None,
+    quality: DataNode | None = None,
+    thumb_quality: DataNode | None = None,
+) -> tuple[DataNode, DataNode]:
+    """decode -> bicubic resize to (width, height) and to S x S -> optional JPEG re-compression.
+
+    The graph both pipelines share; returns the uint8 HWC grid image and thumbnail, on the GPU
+    when `device_id` is set. `thumb_quality` defaults to `quality`.
+    """
+    image = decode(encoded, device_id)
+    size = float(image_size)
+    resize_args = {"interp_type": types.INTERP_CUBIC, "antialias": True}
+    grid_hwc = fn.resize(image, resize_x=width, resize_y=height, **resize_args)
+    thumb_hwc = fn.resize(image, resize_x=size, resize_y=size, **resize_args)
+    if quality is not None:
+        grid_hwc = distort(grid_hwc, quality)
+        thumb_hwc = distort(thumb_hwc, quality if thumb_quality is None else thumb_quality)
+    return grid_hwc, thumb_hwc
+
+
 def _tiling_graph(paths, index_paths, shard_id, num_shards, cfg: TilingPipelineConfig):
     encoded, meta = fn.readers.webdataset(
         paths=list(paths),
@@ -128,41 +173,24 @@ def _tiling_graph(paths, index_paths, shard_id, num_shards, cfg: TilingPipelineC
     height = fn.cast(shape_hwc[0], dtype=types.FLOAT64)
     width = fn.cast(shape_hwc[1], dtype=types.FLOAT64)
     cols, rows = _grid_in_dali(width, height, cfg)
-
-    decoder_device = "cpu" if cfg.device_id is None else "mixed"
-    image = fn.decoders.image(
-        encoded,
-        device=decoder_device,
-        output_type=types.RGB,
-        adjust_orientation=False,
-        jpeg_fancy_upsampling=True,
-    )
     size = float(cfg.image_size)
-    resize_args = {"interp_type": types.INTERP_CUBIC, "antialias": True}
-    grid_hwc = fn.resize(
-        image,
-        resize_x=fn.cast(cols * size, dtype=types.FLOAT),
-        resize_y=fn.cast(rows * size, dtype=types.FLOAT),
-        **resize_args,
-    )
-    thumb_hwc = fn.resize(image, resize_x=size, resize_y=size, **resize_args)
+    quality = thumb_quality = None
     if cfg.jpeg_quality is not None:
         low, high = cfg.jpeg_quality
         qualities = [float(q) for q in range(low, high + 1)]
-        for_grid = fn.cast(fn.random.uniform(values=qualities), dtype=types.INT32)
-        for_thumb = fn.cast(fn.random.uniform(values=qualities), dtype=types.INT32)
-        grid_hwc = fn.jpeg_compression_distortion(grid_hwc, quality=for_grid)
-        thumb_hwc = fn.jpeg_compression_distortion(thumb_hwc, quality=for_thumb)
-    normalize_args = {
-        "dtype": types.FLOAT,
-        "output_layout": "CHW",
-        "mean": [255.0 * m for m in IMAGENET_MEAN],
-        "std": [255.0 * s for s in IMAGENET_STD],
-    }
-    grid_chw = fn.crop_mirror_normalize(grid_hwc, **normalize_args)
-    thumb_chw = fn.crop_mirror_normalize(thumb_hwc, **normalize_args)
+        quality = fn.cast(fn.random.uniform(values=qualities), dtype=types.INT32)
+        thumb_quality = fn.cast(fn.random.uniform(values=qualities), dtype=types.INT32)
+    grid_hwc, thumb_hwc = image_graph(
+        encoded,
+        fn.cast(cols * size, dtype=types.FLOAT),
+        fn.cast(rows * size, dtype=types.FLOAT),
+        cfg.image_size,
+        cfg.device_id,
+        quality,
+        thumb_quality,
+    )
     grid_cr = fn.cast(fn.stack(cols, rows), dtype=types.INT32)
-    return grid_cr, grid_chw, thumb_chw, meta, source_info
+    return grid_cr, grid_hwc, thumb_hwc, meta, source_info
 
 
 def build_tiling_pipeline(
@@ -174,8 +202,8 @@ def build_tiling_pipeline(
 ) -> Pipeline:
     """Build the DALI pipeline, ready to run; `shard_id`/`num_shards`: data-parallel rank/size.
 
-    Outputs per sample: grid (cols, rows) int32, the normalised grid image [3, rows*S, cols*S],
-    the normalised thumbnail [3, S, S], the metadata bytes and the source info bytes.
+    Outputs per sample: grid (cols, rows) int32, the uint8 grid image [rows*S, cols*S, 3], the
+    uint8 thumbnail [S, S, 3], the metadata bytes and the source info bytes.
     """
     if len(paths) != len(index_paths):
         raise ValueError(
@@ -197,19 +225,6 @@ def build_tiling_pipeline(
     )
     pipe.build()
     return pipe
-
-
-def split_tiles(grid_chw: torch.Tensor, grid: Grid, image_size: int) -> torch.Tensor:
-    """Cut a [3, rows*S, cols*S] image into row-major tiles_nchw [rows*cols, 3, S, S]."""
-    cols, rows = grid
-    channels = grid_chw.shape[0]
-    expected = (channels, rows * image_size, cols * image_size)
-    if tuple(grid_chw.shape) != expected:
-        raise ValueError(f"split_tiles: image shape {tuple(grid_chw.shape)} != {expected}")
-    tiles_rcchw = grid_chw.reshape(channels, rows, image_size, cols, image_size).permute(
-        1, 3, 0, 2, 4
-    )
-    return tiles_rcchw.reshape(rows * cols, channels, image_size, image_size)
 
 
 @dataclass
@@ -234,6 +249,14 @@ def _to_torch(dali_tensor, device: torch.device) -> torch.Tensor:
     out = torch.empty(tuple(dali_tensor.shape()), dtype=dtype, device=device)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     return feed_ndarray(dali_tensor, out, cuda_stream=stream)
+
+
+def as_torch(dali_tensor, device: torch.device) -> torch.Tensor:
+    """A DALI output as a torch tensor: zero-copy on the CPU (valid until the pipeline's next run),
+    a copy on the GPU."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.asarray(dali_tensor))
+    return _to_torch(dali_tensor, device)
 
 
 def _member_stem(member: str) -> str:
@@ -288,25 +311,23 @@ class TiledImageLoader:
         done = 0
         while done < self.shard_size:
             try:
-                grid_cr, grid_chw, thumb_chw, meta, info = self.pipe.run()
+                grid_cr, grid_hwc, thumb_hwc, meta, info = self.pipe.run()
             except RuntimeError as error:
                 raise ShardDecodeError(self._describe_failure(done, error)) from error
             take = min(self.shard_size - done, self.cfg.batch_size)
             batch = []
             for i in range(take):
-                cols, rows = (int(v) for v in _to_torch(grid_cr[i], torch.device("cpu")))
-                tiles_nchw = split_tiles(
-                    _to_torch(grid_chw[i], self.device), (cols, rows), self.cfg.image_size
-                )
-                if self.cfg.use_thumbnail and cols * rows > 1:
-                    thumb_nchw = _to_torch(thumb_chw[i], self.device).unsqueeze(0)
-                    tiles_nchw = torch.cat([tiles_nchw, thumb_nchw])
+                cols, rows = (int(v) for v in np.asarray(grid_cr[i]))
+                thumb = self.cfg.use_thumbnail and cols * rows > 1
+                thumb_u8 = as_torch(thumb_hwc[i], self.device) if thumb else None
+                grid_u8 = as_torch(grid_hwc[i], self.device)
+                tiles_u8 = cut_tiles(grid_u8, thumb_u8, (cols, rows), self.cfg.image_size)
                 batch.append(
                     TiledSample(
                         key=_key_from_source_info(_as_bytes(info[i])),
                         meta=_as_bytes(meta[i]),
                         grid=(cols, rows),
-                        tiles_nchw=tiles_nchw,
+                        tiles_nchw=normalize_tiles([tiles_u8]),
                     )
                 )
             done += take

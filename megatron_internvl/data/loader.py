@@ -15,7 +15,7 @@ seeded with (seed, rank).
 Resume (skip-ahead, not DALI checkpointing). The reader is ours, so a position is exact and
 cheap: (epoch, cursor) per dataset. `state_dict()` also holds the mixture generator's state,
 the packer's open rows and closed-but-unused rows as sample references (dataset, epoch, sample
-index), never as tensors (16 open rows of up to 48 tiles would be ~1.8 GB per rank). Loading
+index), never as tensors (16 open rows of up to 48 uint8 tiles would be ~460 MB per rank). Loading
 re-reads, re-tiles and re-tokenizes those few samples; the JPEG re-compression quality is a
 function of the reference, so they come back bit-identical. DALI's `enable_checkpointing` would
 cover the reader only, not the packer or the mixture, and pins the state to DALI's internals.
@@ -54,6 +54,7 @@ from megatron_internvl.data.packing import (
     SequencePacker,
     collate_rows,
 )
+from megatron_internvl.data.pixels import normalize_tiles
 from megatron_internvl.data.shards import BadSampleError, SampleEntry, ShardReader, read_index
 from megatron_internvl.data.tiler import ImageDecodeError, ImageJob, ImageTiler, TilerConfig
 from megatron_internvl.data.tiling import per_image_cap
@@ -94,8 +95,9 @@ class LoaderConfig:
     add_bos: bool = False
     shuffle: bool = True
     seed: int = 1234
-    read_ahead: int = 16
-    """Samples read, tiled and packed together (DALI batches images of several samples)."""
+    read_ahead: int = 32
+    """Samples read, tiled and packed together (DALI batches images of several samples; the
+    stream does not depend on it)."""
     max_skip_fraction: float = 0.01
     skip_check_after: int = 1000
     tiler: TilerConfig = field(default_factory=TilerConfig)
@@ -108,7 +110,8 @@ class Loaded:
     ref: SampleRef
     name: str
     tiles: list[torch.Tensor]
-    """tiles_nchw of each image, in placeholder order (concatenated once, in the batch)."""
+    """uint8 tiles_u8 of each image, in placeholder order (normalised into one float tensor
+    per micro-batch, in `collate`)."""
 
 
 BAD_DATA_REASONS = (
@@ -308,20 +311,25 @@ class InternVLLoader:
         [tiles, 3, S, S] float32 in the order of the `<IMG_CONTEXT>` runs (None without
         images); `sample_keys` (`<shard>:<key>` per sub-sample).
         """
+        return self.collate(self.next_rows())
+
+    def next_rows(self) -> list[PackedRow]:
+        """The rows of the next micro-batch, before `collate` (the loader's state moves on)."""
         while len(self.ready) < self.cfg.micro_batch_size:
             self._fill()
         rows = self.ready[: self.cfg.micro_batch_size]
         del self.ready[: self.cfg.micro_batch_size]
         self.micro_batches += 1
-        return self._collate(rows)
+        return rows
 
     @staticmethod
-    def _collate(rows: Sequence[PackedRow]) -> dict[str, Any]:
+    def collate(rows: Sequence[PackedRow]) -> dict[str, Any]:
+        """The micro-batch of `next_rows`' rows (stateless: may run on another thread)."""
         batch: dict[str, Any] = collate_rows(rows)
         batch["loss_mask"] = batch.pop("loss_weights")
         payloads = [p for row in rows for p in row.payloads]
         tiles = [t for p in payloads for t in p.tiles]
-        batch["images"] = torch.cat(tiles) if tiles else None
+        batch["images"] = normalize_tiles(tiles) if tiles else None
         batch["sample_keys"] = [p.name for p in payloads]
         return batch
 

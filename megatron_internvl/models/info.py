@@ -10,20 +10,37 @@ from megatron_internvl.parallel.layout import ParallelLayout
 
 # Top-level module of InternVLModel -> the part it belongs to.
 _PARTS = {"vision_model": "vision", "vision_projection": "projector", "language_model": "language"}
+# Language-model parameters that are embeddings (input embedding, untied output layer).
+_EMBEDDINGS = ("language_model.embedding.", "language_model.output_layer.")
 
 
-def parameter_counts(spec: InternVLSpec, max_sequence_length: int = 4096) -> dict[str, int]:
-    """Vision / projector / language / total parameters (unpadded vocabulary, TP=1).
-
-    Needs Megatron's process groups (e.g. inside `runtime.single_process()`); allocates nothing:
-    parameters live on the meta device and are never initialized.
-    """
+def _named_sizes(spec: InternVLSpec, max_sequence_length: int) -> list[tuple[str, int]]:
+    """(name, numel) of every parameter; allocates nothing: parameters live on the meta device
+    and are never initialized. Needs Megatron's process groups (`runtime.single_process()`)."""
     with torch.device("meta"):
         [model] = build_internvl_chunks(
             spec, ParallelLayout(), max_sequence_length, perform_initialization=False
         )
+    return [(name, param.numel()) for name, param in model.named_parameters()]
+
+
+def parameter_counts(spec: InternVLSpec, max_sequence_length: int = 4096) -> dict[str, int]:
+    """Vision / projector / language / total parameters (unpadded vocabulary, TP=1)."""
     counts = dict.fromkeys(_PARTS.values(), 0)
-    for name, param in model.named_parameters():
-        counts[_PARTS[name.split(".", 1)[0]]] += param.numel()
+    for name, size in _named_sizes(spec, max_sequence_length):
+        counts[_PARTS[name.split(".", 1)[0]]] += size
     counts["total"] = sum(counts.values())
+    return counts
+
+
+def scaling_parameter_counts(spec: InternVLSpec) -> dict[str, int]:
+    """The counts scaling laws use: `language` WITHOUT its embeddings, `language_embedding`
+    (input embedding + untied output layer), `non_embedding` N = vision + projector + language,
+    and `total` (embeddings cost little compute and distort small-model fits)."""
+    counts = dict.fromkeys(("vision", "projector", "language", "language_embedding"), 0)
+    for name, size in _named_sizes(spec, 4096):
+        part = "language_embedding" if name.startswith(_EMBEDDINGS) else None
+        counts[part or _PARTS[name.split(".", 1)[0]]] += size
+    counts["non_embedding"] = counts["vision"] + counts["projector"] + counts["language"]
+    counts["total"] = counts["non_embedding"] + counts["language_embedding"]
     return counts

@@ -164,13 +164,15 @@ def build_internvl_chunks(
     vision_pad_heads_to: int | None = None,
     backend: str = "local",
     precision: PrecisionConfig | None = None,
+    with_vision: bool = True,
     **language_overrides: Any,
 ) -> list[InternVLModel]:
     """This rank's InternVL chunks.
 
     `first_stage_layers` gives pipeline stage 0 fewer LLM layers, since it also runs the ViT;
     `vision_pad_heads_to` is the ViT's head-padding multiple (see vision_transformer_config);
-    `backend` is "local" or "te" (Transformer Engine, needed for FP8).
+    `backend` is "local" or "te" (Transformer Engine, needed for FP8); `with_vision=False`
+    builds the language model alone (text-only training, LLM benchmarks).
     """
     chosen = get_backend(backend)
     precision = precision or PrecisionConfig()
@@ -191,6 +193,7 @@ def build_internvl_chunks(
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        vision = first and with_vision
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         chunks.append(
             InternVLModel(
@@ -200,12 +203,12 @@ def build_internvl_chunks(
                     vision_transformer_config(
                         spec.vision, layout, vision_pad_heads_to, **numerics, **shared
                     )
-                    if first
+                    if vision
                     else None
                 ),
                 (
                     projector_config(spec.language.hidden_size, layout, **numerics, **shared)
-                    if first
+                    if vision
                     else None
                 ),
                 max_sequence_length,
@@ -215,4 +218,14 @@ def build_internvl_chunks(
                 backend=chosen,
             )
         )
+    for chunk in chunks:
+        _to_current_device(chunk)
     return chunks
+
+
+def _to_current_device(chunk: torch.nn.Module) -> None:
+    """Megatron allocates its layers on the current device; our own small modules (patch
+    embedding, norms, layer scales) start on the CPU. Meta-device builds (parameter counts of
+    huge flavours) stay where they are."""
+    if not any(p.is_meta for p in chunk.parameters()):
+        chunk.to(torch.cuda.current_device())

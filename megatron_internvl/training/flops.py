@@ -14,6 +14,10 @@ Norms, activations, softmax and RoPE are ignored (they are not matmuls).
   2 * tokens * H * V, attention 4 * C_attn * sum_i(len_i^2) per layer over the row's
   sub-samples (full len^2 as in Megatron-LM's count, even though causal attention needs half).
 Tiles enter once per tile: a row's FLOPs grow with its tile count, not with its image tokens.
+
+Scaling-law sweeps (megatron_internvl/sweeps/plan.py) count compute with this same formula:
+C = steps x global_batch x the mean `training_flops` of rows drawn from the run's data loader,
+so each row's tiles and sub-sample lengths enter as they do in the MFU logged during training.
 """
 
 from __future__ import annotations

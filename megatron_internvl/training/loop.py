@@ -28,7 +28,7 @@ from megatron_internvl.config.schema import RunConfig
 from megatron_internvl.config.validate import validate
 from megatron_internvl.data.synthetic import SyntheticRows, SyntheticSpec
 from megatron_internvl.models.internvl import build_internvl_chunks
-from megatron_internvl.models.registry import InternVLSpec, get_spec
+from megatron_internvl.models.registry import InternVLSpec, get_spec, spec_from_dict
 from megatron_internvl.parallel import runtime
 from megatron_internvl.training.flops import training_flops
 from megatron_internvl.training.freezing import freeze_for_stage
@@ -46,8 +46,11 @@ class NonFiniteError(RuntimeError):
 
 
 def resolved_spec(cfg: RunConfig) -> InternVLSpec:
-    """The registry flavour with the recipe's depth overrides applied."""
-    spec = get_spec(cfg.model.flavour)
+    """The registry flavour (or `model.spec_file`'s shape) with the recipe's depth overrides."""
+    if cfg.model.spec_file:
+        spec = spec_from_dict(json.loads(Path(cfg.model.spec_file).read_text()))
+    else:
+        spec = get_spec(cfg.model.flavour)
     if cfg.model.num_layers:
         spec = dataclasses.replace(
             spec, language=dataclasses.replace(spec.language, num_layers=cfg.model.num_layers)
@@ -154,7 +157,7 @@ def train(cfg: RunConfig) -> int:
         vision_pad_heads_to=cfg.model.vision_pad_heads_to,
         backend=cfg.model.backend,
         precision=PrecisionConfig(cfg.model.dtype, cfg.model.fp8_recipe),
-        **_recompute_overrides(cfg.model.recompute),
+        **recompute_overrides(cfg.model.recompute),
     )
     for chunk in chunks:
         runtime.adapt_model_config(chunk.config)
@@ -165,7 +168,7 @@ def train(cfg: RunConfig) -> int:
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    data = _data_source(cfg, spec, dp_rank, dp_size, tokenizer)
+    data = data_source(cfg, spec, dp_rank, dp_size, tokenizer)
     microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp_size)
 
     step = 0
@@ -244,7 +247,7 @@ def train(cfg: RunConfig) -> int:
             step += 1
             if async_saver is not None:
                 async_saver.poll()
-            flops = _step_flops(spec, rows, cfg.train.stage) * dp_size
+            flops = step_flops(spec, rows, cfg.train.stage) * dp_size
             logger.step(
                 step,
                 loss=loss,
@@ -315,7 +318,8 @@ def _export_record(cfg: RunConfig, spec: InternVLSpec) -> dict[str, bytes]:
     return files
 
 
-def _recompute_overrides(recompute: str | None) -> dict[str, Any]:
+def recompute_overrides(recompute: str | None) -> dict[str, Any]:
+    """TransformerConfig fields for model.recompute (None, "full" or "selective")."""
     if recompute is None:
         return {}
     if recompute == "full":
@@ -364,9 +368,10 @@ def fit_spec_to_tokenizer(spec: InternVLSpec, tokenizer: Any | None) -> InternVL
     return dataclasses.replace(spec, language=language, image_token_id=image_token_id)
 
 
-def _data_source(
+def data_source(
     cfg: RunConfig, spec: InternVLSpec, dp_rank: int, dp_size: int, tokenizer: Any = None
-):
+) -> Any:
+    """This data-parallel rank's source of micro-batches (shards or synthetic rows), with state."""
     if cfg.data.source == "shards":
         from megatron_internvl.data.loader import (
             DatasetSpec,
@@ -421,7 +426,8 @@ def _global_samples(rows: list[dict[str, Any]], dp_size: int) -> int:
     return sum(len(row["cu_seqlens"]) - 1 for row in rows) * dp_size
 
 
-def _step_flops(spec: InternVLSpec, rows: list[dict[str, Any]], stage: str) -> float:
+def step_flops(spec: InternVLSpec, rows: list[dict[str, Any]], stage: str) -> float:
+    """Model FLOPs of training on `rows` (training/flops.py; sweeps plan compute with it too)."""
     total = 0.0
     for row in rows:
         bounds = row["cu_seqlens"].tolist()

@@ -8,8 +8,9 @@ from pathlib import Path
 import psutil
 import torch
 
-# Dense bf16 peak of one GPU, by device name fragment, for MFU when the recipe states none.
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+# Dense (no sparsity) BF16 tensor-core peak of one GPU, TFLOP/s, from NVIDIA's datasheets, by
+# device-name fragment (first match wins), for MFU when the recipe states none.
+_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "B200": 2250.0}
 
 
 def device_peak_tflops() -> float | None:

@@ -92,6 +92,16 @@ def forward_backward(
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
+def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch's tensors on this rank's device (loaders hand out host tensors; images may
+    already be on the GPU when DALI decoded them there)."""
+    device = torch.cuda.current_device()
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
 def bind_loss(loss_mask: torch.Tensor) -> LossFunc:
     """The loss_func for one microbatch."""
     return partial(masked_token_loss, loss_mask)
@@ -104,7 +114,7 @@ def language_model_forward_step(
 
     Each context-parallel rank keeps its load-balanced share of the sequence.
     """
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))
     cp_size = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
     batch = {k: split_for_rank(v, 1, cp_size, cp_rank) for k, v in batch.items()}
@@ -122,7 +132,7 @@ def internvl_forward_step(
     sample_keys (for error messages). The model splits the row for context parallelism; the
     loss mask is split the same way here.
     """
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator))
     cu_seqlens = batch.get("cu_seqlens")
     packed = None
     if cu_seqlens is not None:

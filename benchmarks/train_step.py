@@ -1,0 +1,412 @@
+"""Training-step throughput: our InternVL (Megatron-Core, TE or local layers) vs transformers.
+
+One process, one device. For each requested precision it builds our model, times `--steps`
+optimizer steps after `--warmup` (CUDA events on a GPU, wall clock on a CPU), frees it, then
+times transformers' model of the same size on the same tokens and tiles (`--baseline`).
+
+  # GPU, the LLM of an 8B-class stack (8 of InternLM2.5-7B's 32 layers), 8192 packed tokens
+  python benchmarks/train_step.py --flavour internvl2_5_8b --part llm --llm-layers 8 \\
+      --seq-length 8192 --samples-per-row 4 --precision bf16,fp8-tensorwise,fp8-delayed
+  # CPU smoke test (what CI runs)
+  python benchmarks/train_step.py --flavour tiny_qwen_300m_style --seq-length 128 \\
+      --tiles-per-sample 2 --precision fp32 --backend local --steps 2 --warmup 1
+
+What is compared: a row of `--seq-length` tokens holds `--samples-per-row` samples of equal
+length, each with `--tiles-per-sample` image tiles (256 `<IMG_CONTEXT>` tokens per tile at
+InternVL 2.5's sizes) and text. Ours trains it as one packed (THD) row, as our loader does;
+transformers gets the same samples as a [samples, length] batch (it has no packing with SDPA),
+so both do the same attention work. Stage 2 (everything trains).
+
+- ours: bf16 parameters with fp32 main gradients and fp32 Adam master weights (Megatron's mixed
+  precision); FP8 rows run the GEMMs of TE layers in FP8 with the named scaling recipe.
+- transformers: fp32 parameters under `torch.autocast(bfloat16)` (what Trainer's bf16=True does),
+  SDPA attention, fused AdamW; gradient checkpointing when `--recompute` is not none.
+
+Columns: step time (mean of timed steps), tokens/s, model TFLOP/s per GPU (training/flops.py:
+matmuls only, recomputation not counted), MFU = model TFLOP/s / the GPU's dense BF16 peak (FP8
+rows too, so the columns compare), peak memory allocated (GPU only), and ours / baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from megatron_internvl.config.precision import PrecisionConfig
+from megatron_internvl.models.registry import InternVLSpec, get_spec
+from megatron_internvl.training.flops import llm_forward_flops, training_flops
+from megatron_internvl.training.metrics import device_peak_tflops
+
+PRECISIONS = {
+    "fp32": PrecisionConfig("float32"),
+    "bf16": PrecisionConfig("bfloat16"),
+    "fp8-delayed": PrecisionConfig("bfloat16", "delayed"),
+    "fp8-tensorwise": PrecisionConfig("bfloat16", "tensorwise"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    spec: InternVLSpec
+    part: str  # "internvl" or "llm"
+    seq_length: int
+    samples_per_row: int
+    tiles_per_sample: int
+    microbatches: int
+
+    @property
+    def sample_length(self) -> int:
+        return self.seq_length // self.samples_per_row
+
+    @property
+    def tiles_per_row(self) -> int:
+        return self.samples_per_row * self.tiles_per_sample if self.part == "internvl" else 0
+
+    def flops_per_step(self) -> float:
+        lengths = [self.sample_length] * self.samples_per_row
+        if self.part == "llm":
+            return self.microbatches * 3 * llm_forward_flops(self.spec, lengths)
+        return self.microbatches * training_flops(self.spec, lengths, self.tiles_per_row)
+
+    def tokens_per_step(self) -> int:
+        return self.microbatches * self.seq_length
+
+
+def make_rows(work: Workload, device: torch.device, seed: int = 0) -> list[dict[str, Any]]:
+    """Packed rows: each sample is [tiles x 256 <IMG_CONTEXT>, text], labels = next token."""
+    spec, gen = work.spec, torch.Generator().manual_seed(seed)
+    n, image_run = work.sample_length, work.tiles_per_sample * spec.tokens_per_tile
+    if work.part == "internvl" and image_run >= n - 1:
+        raise SystemExit(
+            f"{work.tiles_per_sample} tiles x {spec.tokens_per_tile} tokens do not fit samples "
+            f"of {n} tokens: raise --seq-length or lower --samples-per-row / --tiles-per-sample"
+        )
+    rows = []
+    for _ in range(work.microbatches):
+        samples = torch.randint(0, spec.image_token_id, (work.samples_per_row, n), generator=gen)
+        if work.part == "internvl":
+            samples[:, 1 : 1 + image_run] = spec.image_token_id
+        labels = torch.roll(samples, -1, dims=1)
+        mask = ((samples != spec.image_token_id) & (labels != spec.image_token_id)).float()
+        mask[:, -1] = 0
+        size = spec.vision.image_size
+        tiles = work.tiles_per_row
+        rows.append(
+            {
+                "tokens": samples.reshape(1, -1),
+                "labels": labels.reshape(1, -1),
+                "loss_mask": mask.reshape(1, -1),
+                "position_ids": torch.arange(n).repeat(work.samples_per_row).unsqueeze(0),
+                "cu_seqlens": torch.arange(0, work.seq_length + 1, n, dtype=torch.int32),
+                "images": torch.randn(tiles, 3, size, size, generator=gen) if tiles else None,
+            }
+        )
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in r.items()} for r in rows]
+
+
+class Timer:
+    """Device-side step timing on a GPU (CUDA events), wall clock on a CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def __call__(self, step: Callable[[], None], warmup: int, steps: int) -> float:
+        for _ in range(warmup):
+            step()
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000 / steps
+        began = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - began) / steps
+
+
+def ours_step(
+    work: Workload, precision: PrecisionConfig, backend: str, recompute: str, rows: list
+) -> tuple[Callable[[], None], int]:
+    """(one optimizer step, parameter count) for our model on this process's one-rank world."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_internvl.models.internvl import build_internvl_chunks
+    from megatron_internvl.parallel import runtime
+    from megatron_internvl.parallel.layout import ParallelLayout
+    from megatron_internvl.training.loop import recompute_overrides
+    from megatron_internvl.training.step import (
+        forward_backward,
+        internvl_forward_step,
+        wrap_with_ddp,
+    )
+
+    chunks = build_internvl_chunks(
+        work.spec,
+        ParallelLayout(),
+        work.seq_length,
+        backend=backend,
+        precision=precision,
+        with_vision=work.part == "internvl",
+        **recompute_overrides(None if recompute == "none" else recompute),
+    )
+    for chunk in chunks:
+        runtime.adapt_model_config(chunk.config)
+    model = wrap_with_ddp(chunks, chunks[0].config)
+    bf16 = precision.dtype == "bfloat16"
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-5,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            clip_grad=1.0,
+        ),
+        model,
+    )
+
+    def step() -> None:
+        optimizer.zero_grad()
+        forward_backward(
+            internvl_forward_step,
+            iter(rows),
+            model,
+            num_microbatches=len(rows),
+            seq_length=work.seq_length,
+            micro_batch_size=1,
+        )
+        optimizer.step()
+
+    return step, sum(p.numel() for chunk in chunks for p in chunk.parameters())
+
+
+def baseline_step(
+    work: Workload, precision: PrecisionConfig, recompute: str, rows: list, device: torch.device
+) -> tuple[Callable[[], None], int]:
+    """(one optimizer step, parameter count) for transformers' model of the same size."""
+    import transformers
+
+    from megatron_internvl.checkpoint.hf_config import native_config
+
+    config = native_config(work.spec, "float32")
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = "sdpa"
+    with device:  # initialise on the GPU: CPU init of billions of weights takes minutes
+        if work.part == "llm":
+            model = transformers.AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            model = transformers.InternVLForConditionalGeneration(config)
+    model.train()
+    if recompute != "none":
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    autocast = precision.dtype == "bfloat16"
+    batches = []
+    for row in rows:
+        n = work.sample_length
+        batch = {
+            "input_ids": row["tokens"].reshape(-1, n),
+            # transformers shifts labels itself: give it the inputs, masked where we mask.
+            "labels": torch.where(
+                torch.roll(row["loss_mask"].reshape(-1, n), 1, dims=1) > 0,
+                row["tokens"].reshape(-1, n),
+                torch.full_like(row["tokens"].reshape(-1, n), -100),
+            ),
+        }
+        if row["images"] is not None:
+            batch["pixel_values"] = row["images"]
+        batches.append(batch)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for batch in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**batch).loss
+            (loss / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def gpu_peak_tflops(override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, f"{override} (--peak-tflops)"
+    if not torch.cuda.is_available():
+        return None, "n/a on CPU"
+    peak = device_peak_tflops()
+    name = torch.cuda.get_device_name()
+    if peak is None:
+        return None, f"unknown for {name!r}: pass --peak-tflops"
+    return peak, f"{peak} TFLOP/s ({name}, dense BF16)"
+
+
+def measure(
+    make: Callable[[], tuple[Callable[[], None], int]],
+    timer: Timer,
+    args: argparse.Namespace,
+    work: Workload,
+    peak: float | None,
+) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step, params = make()
+    seconds = timer(step, args.warmup, args.steps)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    del step  # frees the model and optimizer it holds before the next one is built
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    tflops = work.flops_per_step() / seconds / 1e12
+    return {
+        "step_s": seconds,
+        "tokens_s": work.tokens_per_step() / seconds,
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "memory_gib": memory,
+        "params": params,
+    }
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--flavour", default="internvl2_5_8b", help="registry flavour")
+    parser.add_argument("--part", choices=("internvl", "llm"), default="internvl")
+    parser.add_argument("--llm-layers", type=int, help="LLM depth (default: the flavour's)")
+    parser.add_argument("--vit-layers", type=int, help="ViT depth (default: the flavour's)")
+    parser.add_argument("--seq-length", type=int, default=8192, help="tokens per packed row")
+    parser.add_argument("--samples-per-row", type=int, default=4)
+    parser.add_argument("--tiles-per-sample", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=1, help="rows per optimizer step")
+    parser.add_argument(
+        "--precision", default="bf16", help=f"comma-separated, of {', '.join(PRECISIONS)}"
+    )
+    parser.add_argument("--backend", choices=("te", "local"), default="te")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--peak-tflops", type=float, help="dense BF16 peak of this GPU")
+    parser.add_argument(
+        "--profile", action="store_true", help="top CUDA kernels of one step (first precision)"
+    )
+    args = parser.parse_args(argv)
+
+    precisions = args.precision.split(",")
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        parser.error(f"unknown precision {unknown}; use {list(PRECISIONS)}")
+    spec = get_spec(args.flavour)
+    spec = dataclasses.replace(
+        spec,
+        language=dataclasses.replace(
+            spec.language, num_layers=args.llm_layers or spec.language.num_layers
+        ),
+        vision=dataclasses.replace(
+            spec.vision, num_layers=args.vit_layers or spec.vision.num_layers
+        ),
+    )
+    work = Workload(
+        spec,
+        args.part,
+        args.seq_length,
+        args.samples_per_row,
+        args.tiles_per_sample,
+        args.microbatches,
+    )
+    from megatron_internvl.parallel import runtime
+
+    cuda = torch.cuda.is_available()
+    timer = Timer(cuda)
+    peak, peak_text = gpu_peak_tflops(args.peak_tflops)
+    results = []
+    with runtime.single_process():
+        device = torch.device(torch.cuda.current_device()) if cuda else torch.device("cpu")
+        rows = make_rows(work, device)
+        for name in precisions:
+            ours = partial(ours_step, work, PRECISIONS[name], args.backend, args.recompute, rows)
+            result = {"model": f"ours ({args.backend})", "precision": name}
+            result.update(measure(ours, timer, args, work, peak))
+            results.append(result)
+            if args.profile and cuda and name == precisions[0]:
+                profile_step(ours)
+        if args.baseline:
+            done: dict[str, dict[str, Any]] = {}
+            for name in precisions:
+                precision = PRECISIONS[name]
+                kind = "bf16" if precision.dtype == "bfloat16" else "fp32"  # no FP8 there
+                if kind not in done:
+                    theirs = partial(baseline_step, work, precision, args.recompute, rows, device)
+                    done[kind] = {"model": "transformers (sdpa)", "precision": kind}
+                    done[kind].update(measure(theirs, timer, args, work, peak))
+            for name in precisions:
+                kind = "bf16" if PRECISIONS[name].dtype == "bfloat16" else "fp32"
+                ours_row = next(r for r in results if r["precision"] == name)
+                ours_row["vs_baseline"] = done[kind]["step_s"] / ours_row["step_s"]
+            results.extend(done.values())
+
+    print_table(args, work, results, peak_text)
+    return results
+
+
+def profile_step(make: Callable[[], tuple[Callable[[], None], int]]) -> None:
+    """Where a step's GPU time goes: the 15 most expensive kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _ = make()
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def print_table(
+    args: argparse.Namespace, work: Workload, results: list[dict[str, Any]], peak_text: str
+) -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    spec = work.spec
+    print(
+        f"\n{device}: {spec.name} part={work.part} LLM layers={spec.language.num_layers} "
+        f"ViT layers={spec.vision.num_layers} | {work.microbatches} x {work.seq_length}-token "
+        f"rows of {work.samples_per_row} samples x {work.tiles_per_sample} tiles "
+        f"({work.tiles_per_row} tiles/row) | recompute={args.recompute} | "
+        f"{work.flops_per_step() / 1e12:.2f} model TFLOP/step | peak {peak_text}"
+    )
+    header = (
+        f"{'model':<22}{'precision':<16}{'params M':>10}{'step s':>9}{'tokens/s':>11}"
+        f"{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'ours/baseline':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        ratio = "-" if r.get("vs_baseline") is None else f"{r['vs_baseline']:.2f}x"
+        print(
+            f"{r['model']:<22}{r['precision']:<16}{r['params'] / 1e6:>10.1f}{r['step_s']:>9.4f}"
+            f"{r['tokens_s']:>11.0f}{r['tflops']:>9.3f}{mfu:>7}{fmt(r['memory_gib'], '.1f'):>9}"
+            f"{ratio:>15}"
+        )
+
+
+if __name__ == "__main__":
+    main()

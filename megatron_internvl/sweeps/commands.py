@@ -1,0 +1,114 @@
+"""The sweep workflow as functions (tools/sweep.py is their command line):
+plan -> launch -> collect -> fit -> report (figures + markdown)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from megatron_internvl.sweeps import collect as collect_mod
+from megatron_internvl.sweeps.config import SweepConfig
+from megatron_internvl.sweeps.plan import Plan, build_plan, sweep_dir, write_plan
+
+FIT_FILE = "fit.json"
+REPORT_FILE = "report.md"
+
+
+def plan(cfg: SweepConfig) -> Plan:
+    """Expand, validate and write the plan (plan.json, points/<id>/point.json)."""
+    result = build_plan(cfg)
+    write_plan(cfg, result)
+    return result
+
+
+def describe(result: Plan) -> str:
+    lines = [
+        f"{len(result.points)} points in {result.sweep_dir} (rows drawn from the data: "
+        f"{result.data['mean_tiles_per_row']:.2f} tiles and "
+        f"{result.data['mean_samples_per_row']:.2f} samples per {result.data['seq_length']}-token "
+        "row)",
+        f"{'point':42s} {'steps':>6s} {'tokens':>10s} {'FLOPs':>10s} {'N':>10s}",
+    ]
+    for p in result.points:
+        lines.append(
+            f"{p.id:42s} {p.steps:6d} {p.tokens:10,d} {p.flops:10.3g} "
+            f"{p.params['non_embedding']:10,d}"
+        )
+    lines += [f"dropped: {reason}" for reason in result.dropped]
+    return "\n".join(lines)
+
+
+def launch(
+    cfg: SweepConfig, only: list[str] | None = None, force: bool = False, dry_run: bool = False
+) -> int:
+    """Plan, then run every point not yet done (or `only` these); 0 if all that ran succeeded."""
+    from megatron_internvl.sweeps import launch as launch_mod
+
+    result = plan(cfg)
+    points = [dataclasses.asdict(p) for p in result.points]
+    chosen = launch_mod.select(result.sweep_dir, points, only, force and not dry_run)
+    print(
+        f"sweep {cfg.name}: {len(chosen.run)} to run, {len(chosen.skipped)} already done",
+        flush=True,
+    )
+    if not chosen.run:
+        return 0
+    if cfg.launch.backend == "slurm":
+        array, scripts = launch_mod.slurm_scripts(
+            result.sweep_dir,
+            cfg.name,
+            chosen.run,
+            cfg.launch.cluster,
+            cfg.launch.cluster_overrides,
+            cfg.launch.max_parallel,
+        )
+        if dry_run:
+            print(array)
+            return 0
+        print(launch_mod.submit_slurm(result.sweep_dir, array, scripts))
+        return 0
+    if dry_run:
+        for point in chosen.run:
+            point_dir = result.sweep_dir / "points" / point["id"]
+            print(" ".join(launch_mod._point_command(point_dir, cfg.launch.nproc)))
+        return 0
+    codes = launch_mod.run_local(result.sweep_dir, chosen.run, cfg.launch.nproc, cfg.launch.jobs)
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+def collect(cfg: SweepConfig) -> list[dict[str, Any]]:
+    return collect_mod.collect(sweep_dir(cfg), cfg.fit.smoothing)
+
+
+def fit(cfg: SweepConfig, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    from megatron_internvl.sweeps.fit import fit_sweep
+
+    rows = collect(cfg) if rows is None else rows
+    result = fit_sweep(
+        rows, cfg.fit.loss, cfg.fit.bootstrap, cfg.fit.holdout_fraction, cfg.fit.seed
+    )
+    (sweep_dir(cfg) / FIT_FILE).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def report(cfg: SweepConfig) -> Path:
+    """Collect, fit, draw and write report.md; returns its path."""
+    from megatron_internvl.sweeps.plots import draw_all
+    from megatron_internvl.sweeps.report import write_report
+
+    rows = collect(cfg)
+    result = fit(cfg, rows)
+    out = sweep_dir(cfg)
+    figures = draw_all(rows, result, out / "figures") if result.get("status") == "ok" else {}
+    return write_report(cfg.name, rows, result, figures, out / REPORT_FILE)
+
+
+def status_lines(cfg: SweepConfig) -> list[str]:
+    rows = collect_mod.collect(sweep_dir(cfg), cfg.fit.smoothing)
+    return [
+        f"{r['status']:9s} {r['id']:42s} step {r.get('last_step') or 0}/{r['steps']}"
+        + (f"  loss {r['final_loss']:.4f}" if r.get("final_loss") is not None else "")
+        for r in rows
+    ]

@@ -1,0 +1,401 @@
+"""Scaling-law fits with bootstrap uncertainty and held-out error.
+
+- Compute law on the frontier: L(C) = A * C^-alpha, fitted in log space (Huber) to the points
+  that beat every point of smaller compute.
+- Parametric law: L(N, D) = E + A / N^alpha + B / D^beta, or with the parameters split when the
+  sweep varies both towers: E + A_v / N_v^alpha_v + A_l / N_l^alpha_l + B / D^beta. Fitted as
+  Hoffmann et al. (2022) do: Huber loss (delta 1e-3) between log L and
+  log(e^e + sum_k e^(a_k - alpha_k log X_k)), L-BFGS-B from a grid of starts. Its compute-optimal
+  allocation under C ~ 6ND: N_opt ~ C^(beta / (alpha + beta)), D_opt ~ C^(alpha / (alpha + beta)).
+- IsoFLOP minima: per budget a parabola of loss in log N; its vertex gives N_opt (D_opt from the
+  budget's own N -> D relation); then N_opt = k_N C^a and D_opt = k_D C^b across budgets.
+
+Uncertainty: every constant's 95% interval is the 2.5-97.5 percentile range over bootstrap
+resamples of the points. Held-out error: the largest-compute fraction of points is left out,
+the law fitted on the rest predicts them (RMSE and mean relative error of the loss).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares, minimize
+
+HUBER_DELTA = 1e-3
+
+
+@dataclass
+class Estimate:
+    """A fitted constant with its bootstrap 95% interval (NaN when there was no bootstrap)."""
+
+    value: float
+    low: float = math.nan
+    high: float = math.nan
+
+    def text(self, digits: int = 3) -> str:
+        if math.isnan(self.low):
+            return f"{self.value:.{digits}g}"
+        return f"{self.value:.{digits}g} [{self.low:.{digits}g}, {self.high:.{digits}g}]"
+
+
+def _interval(value: float, samples: Sequence[float]) -> Estimate:
+    finite = np.asarray([s for s in samples if np.isfinite(s)])
+    if len(finite) < 2:
+        return Estimate(float(value))
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return Estimate(float(value), float(low), float(high))
+
+
+# ---------------------------------------------------------------- compute law on the frontier
+
+
+def frontier(compute: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Indices (by increasing compute) of points whose loss beats every smaller-compute point."""
+    order = np.argsort(compute, kind="stable")
+    best, keep = math.inf, []
+    for i in order:
+        if loss[i] < best:
+            keep.append(i)
+            best = loss[i]
+    return np.asarray(keep, dtype=int)
+
+
+def _power_law(log_c: np.ndarray, log_l: np.ndarray) -> tuple[float, float]:
+    """(log A, alpha) of log L = log A - alpha log C, robust (Huber) in log space."""
+    slope, intercept = np.polyfit(log_c, log_l, 1)
+    result = least_squares(
+        lambda p: p[0] - p[1] * log_c - log_l, [intercept, -slope], loss="huber", f_scale=0.01
+    )
+    return float(result.x[0]), float(result.x[1])
+
+
+def fit_compute_law(
+    compute: Sequence[float], loss: Sequence[float], bootstrap: int = 200, seed: int = 0
+) -> dict[str, Any]:
+    """L = A * C^-alpha on the frontier; needs 2 frontier points (4 for an interval)."""
+    c, y = np.asarray(compute, float), np.asarray(loss, float)
+    front = frontier(c, y)
+    if len(front) < 2:
+        return {"status": f"skipped: {len(front)} frontier point(s), need 2"}
+    log_c, log_l = np.log(c[front]), np.log(y[front])
+    log_a, alpha = _power_law(log_c, log_l)
+    rng = np.random.default_rng(seed)
+    samples = []
+    if len(front) >= 4:  # fewer points resample into degenerate fits: no interval
+        for _ in range(bootstrap):
+            pick = rng.integers(0, len(front), len(front))
+            if len(set(pick)) >= 2:
+                samples.append(_power_law(log_c[pick], log_l[pick]))
+    boot = np.asarray(samples) if samples else np.zeros((0, 2))
+    return {
+        "status": "ok",
+        "form": "L = A * C^-alpha",
+        "A": asdict(_interval(math.exp(log_a), np.exp(boot[:, 0]))),
+        "alpha": asdict(_interval(alpha, boot[:, 1])),
+        "frontier": [int(i) for i in front],
+    }
+
+
+# ---------------------------------------------------------------- parametric L(N, D)
+
+
+def _objective(params: np.ndarray, log_x: np.ndarray, log_l: np.ndarray) -> tuple[float, Any]:
+    """Huber loss of log-space residuals (in units of delta^2, so that L-BFGS-B's tolerances
+    bite) and its gradient. params = [e, a_1, alpha_1, ..., a_k, alpha_k]."""
+    k = log_x.shape[1]
+    a, alpha = params[1::2], params[2::2]
+    terms = np.empty((len(log_l), k + 1))
+    terms[:, :k] = a - alpha * log_x
+    terms[:, k] = params[0]
+    top = terms.max(axis=1, keepdims=True)
+    weights = np.exp(terms - top)
+    total = weights.sum(axis=1)
+    r = top[:, 0] + np.log(total) - log_l  # log prediction - log observation
+    small = np.abs(r) <= HUBER_DELTA
+    value = np.where(small, 0.5 * r**2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum()
+    dr = np.where(small, r, HUBER_DELTA * np.sign(r))
+    w = weights * (dr / total)[:, None]  # softmax (d log-pred / d term) x d huber / d r
+    grad = np.empty_like(params)
+    grad[0] = w[:, k].sum()
+    grad[1::2] = w[:, :k].sum(axis=0)
+    grad[2::2] = -(w[:, :k] * log_x).sum(axis=0)
+    scale = HUBER_DELTA**-2
+    return float(value) * scale, grad * scale
+
+
+def _minimize(start: np.ndarray, log_x: np.ndarray, log_l: np.ndarray) -> Any:
+    bounds = [(None, None)] + [(None, None), (0.0, 3.0)] * log_x.shape[1]
+    return minimize(
+        _objective,
+        start,
+        args=(log_x, log_l),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"maxiter": 500},  # a start that has not settled by then is not the best one
+    )
+
+
+def _best_fit(log_x: np.ndarray, log_l: np.ndarray) -> np.ndarray:
+    """Best of L-BFGS-B runs from a grid of starts (the objective has many local minima)."""
+    k = log_x.shape[1]
+    e_grid = log_l.min() + np.log([0.3, 0.9])  # E below the smallest loss seen
+    # (a_k, alpha_k) starts per term; coarser with three terms (the grid grows as 6^k).
+    coefs_grid = [0.0, 5.0, 10.0] if k <= 2 else [0.0, 8.0]
+    per_term = list(itertools.product(coefs_grid, [0.2, 0.5]))
+    best = None
+    for e in e_grid:
+        for coefs in itertools.product(per_term, repeat=k):
+            start = np.array([e, *itertools.chain.from_iterable(coefs)])
+            result = _minimize(start, log_x, log_l)
+            if best is None or result.fun < best.fun:
+                best = result
+    return best.x
+
+
+def predict(params: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """L for rows of x (one column per power-law term: N or N_v, N_l, then D)."""
+    log_x = np.log(np.asarray(x, float))
+    a, alpha = params[1::2], params[2::2]
+    return np.exp(params[0]) + (np.exp(a - alpha * log_x)).sum(axis=1)
+
+
+def fit_parametric(
+    x: np.ndarray,
+    loss: Sequence[float],
+    names: Sequence[str],
+    compute: Sequence[float] | None = None,
+    bootstrap: int = 200,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """L = E + sum_k A_k / X_k^alpha_k over the columns of `x` (named by `names`, e.g.
+    ["N", "D"]). `compute` orders points for the held-out split (largest held out)."""
+    x = np.asarray(x, float)
+    y = np.asarray(loss, float)
+    n, k = x.shape
+    n_params = 1 + 2 * k
+    if n < n_params + 1:
+        return {"status": f"skipped: {n} points for {n_params} constants, need {n_params + 1}"}
+    log_x, log_l = np.log(x), np.log(y)
+    result: dict[str, Any] = {"status": "ok", "form": _form(names), "n_points": n}
+
+    order = np.argsort(np.asarray(compute if compute is not None else x.prod(axis=1), float))
+    n_held = math.floor(holdout_fraction * n)
+    if n_held and n - n_held >= n_params + 1:
+        train, held = order[: n - n_held], order[n - n_held :]
+        params = _best_fit(log_x[train], log_l[train])
+        pred = predict(params, x)
+        error = pred[held] - y[held]
+        result["heldout"] = {
+            "n_points": int(n_held),
+            "rmse": float(np.sqrt(np.mean(error**2))),
+            "mean_relative_error": float(np.mean(np.abs(error) / y[held])),
+            "indices": [int(i) for i in held],
+        }
+        result["predictions"] = [
+            {"index": int(i), "observed": float(y[i]), "predicted": float(pred[i]),
+             "heldout": bool(i in held)}
+            for i in range(n)
+        ]  # fmt: skip
+    else:
+        result["heldout"] = {
+            "n_points": 0,
+            "note": f"not enough points to hold out {holdout_fraction:.0%} and still fit",
+        }
+
+    params = _best_fit(log_x, log_l)
+    if "predictions" not in result:
+        pred = predict(params, x)
+        result["predictions"] = [
+            {"index": i, "observed": float(y[i]), "predicted": float(pred[i]), "heldout": False}
+            for i in range(n)
+        ]
+    fitted = np.sqrt(np.mean((predict(params, x) - y) ** 2))
+    result["train_rmse"] = float(fitted)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+        pick = rng.integers(0, n, n)
+        samples.append(_minimize(params, log_x[pick], log_l[pick]).x)
+    boot = np.asarray(samples) if samples else np.zeros((0, n_params))
+    constants = {"E": _interval(math.exp(params[0]), np.exp(boot[:, 0]))}
+    for j, name in enumerate(names):
+        constants[f"A_{name}"] = _interval(math.exp(params[1 + 2 * j]), np.exp(boot[:, 1 + 2 * j]))
+        constants[f"alpha_{name}"] = _interval(params[2 + 2 * j], boot[:, 2 + 2 * j])
+    if list(names) == ["N", "D"]:  # Chinchilla's compute-optimal exponents under C ~ 6ND
+        alpha, beta = params[2], params[4]
+        a_boot = boot[:, 4] / (boot[:, 2] + boot[:, 4])
+        constants["a_N_opt"] = _interval(beta / (alpha + beta), a_boot)
+        constants["b_D_opt"] = _interval(alpha / (alpha + beta), 1 - a_boot)
+    result["constants"] = {key: asdict(value) for key, value in constants.items()}
+    at_bound = [
+        f"alpha_{name} = {params[2 + 2 * j]:.3g}"
+        for j, name in enumerate(names)
+        if params[2 + 2 * j] < 1e-3 or params[2 + 2 * j] > 3 - 1e-3
+    ]
+    if at_bound:
+        result["warning"] = (
+            f"{', '.join(at_bound)} sits at its bound [0, 3]: the points do not constrain it "
+            "(too few sizes or tokens, or not yet in the power-law regime)"
+        )
+    result["params"] = [float(p) for p in params]
+    return result
+
+
+def _form(names: Sequence[str]) -> str:
+    return "L = E + " + " + ".join(f"A_{n} / {n}^alpha_{n}" for n in names)
+
+
+# ---------------------------------------------------------------- IsoFLOP minima
+
+
+def _vertex(log_n: np.ndarray, loss: np.ndarray) -> tuple[float, float] | None:
+    """(log N at the minimum, min loss) of a parabola in log N; None if not convex."""
+    c2, c1, c0 = np.polyfit(log_n, loss, 2)
+    if c2 <= 0:
+        return None
+    x = -c1 / (2 * c2)
+    return float(x), float(c0 - c1**2 / (4 * c2))
+
+
+def isoflop_minima(
+    budgets: Sequence[float],
+    n_params: Sequence[float],
+    tokens: Sequence[float],
+    loss: Sequence[float],
+    compute: Sequence[float],
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per budget: N_opt, D_opt, L_min (a budget needs 3 model sizes and a convex parabola);
+    across >= 2 budgets: N_opt = k_N C^a and D_opt = k_D C^b with bootstrap intervals."""
+    b, n, d = (np.asarray(v, float) for v in (budgets, n_params, tokens))
+    y, c = np.asarray(loss, float), np.asarray(compute, float)
+    rng = np.random.default_rng(seed)
+    per_budget, groups = [], []
+    for budget in sorted(set(b.tolist())):
+        idx = np.flatnonzero(b == budget)
+        entry: dict[str, Any] = {"budget": budget, "n_points": len(idx)}
+        per_budget.append(entry)
+        if len(set(n[idx].tolist())) < 3:
+            entry["status"] = "skipped: needs 3 model sizes"
+            continue
+        vertex = _vertex(np.log(n[idx]), y[idx])
+        if vertex is None:
+            entry["status"] = "skipped: loss is not convex in log N at this budget"
+            continue
+        slope, intercept = np.polyfit(np.log(n[idx]), np.log(d[idx]), 1)
+        log_n_opt, l_min = vertex
+        if not np.log(n[idx]).min() <= log_n_opt <= np.log(n[idx]).max():
+            # A vertex outside the sampled sizes is an extrapolation, not a measured minimum.
+            entry["status"] = (
+                f"skipped: minimum at N = {math.exp(log_n_opt):.3g}, outside the sampled sizes; "
+                "add sizes on that side"
+            )
+            continue
+        entry.update(
+            status="ok",
+            compute=float(c[idx].mean()),
+            N_opt=math.exp(log_n_opt),
+            D_opt=math.exp(intercept + slope * log_n_opt),
+            L_min=l_min,
+            parabola=[float(v) for v in np.polyfit(np.log(n[idx]), y[idx], 2)],
+            d_of_n=[float(slope), float(intercept)],
+        )
+        groups.append((entry, idx, slope, intercept))
+    result: dict[str, Any] = {"budgets": per_budget}
+    if len(groups) < 2:
+        result["status"] = f"no law: {len(groups)} budget(s) with a minimum, need 2"
+        return result
+
+    def exponents(minima: list[tuple[float, float, float]]) -> tuple[float, ...]:
+        log_c, log_n_opt, log_d_opt = (np.asarray(v) for v in zip(*minima, strict=True))
+        a, log_kn = np.polyfit(log_c, log_n_opt, 1)
+        b_exp, log_kd = np.polyfit(log_c, log_d_opt, 1)
+        return a, log_kn, b_exp, log_kd
+
+    minima = [
+        (math.log(e["compute"]), math.log(e["N_opt"]), math.log(e["D_opt"])) for e, *_ in groups
+    ]
+    best = exponents(minima)
+    samples = []
+    for _ in range(bootstrap):
+        redo = []
+        for entry, idx, slope, intercept in groups:
+            pick = rng.choice(idx, len(idx))
+            if len(set(n[pick].tolist())) < 3:
+                continue
+            vertex = _vertex(np.log(n[pick]), y[pick])
+            if vertex is not None:
+                log_c = math.log(entry["compute"])
+                redo.append((log_c, vertex[0], intercept + slope * vertex[0]))
+        if len({m[0] for m in redo}) >= 2:
+            samples.append(exponents(redo))
+    boot = np.asarray(samples) if samples else np.zeros((0, 4))
+    result.update(
+        status="ok",
+        a_N_opt=asdict(_interval(best[0], boot[:, 0])),
+        k_N=asdict(_interval(math.exp(best[1]), np.exp(boot[:, 1]))),
+        b_D_opt=asdict(_interval(best[2], boot[:, 2])),
+        k_D=asdict(_interval(math.exp(best[3]), np.exp(boot[:, 3]))),
+    )
+    return result
+
+
+# ---------------------------------------------------------------- a whole sweep
+
+
+def fit_sweep(
+    rows: list[dict[str, Any]],
+    loss_key: str = "smoothed_loss",
+    bootstrap: int = 200,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every law the sweep's finished points support. Point order is `rows` order among the
+    points used (listed in "ids")."""
+    used = [
+        r for r in rows
+        if r.get("status") == "done" and r.get(loss_key) is not None
+        and math.isfinite(r[loss_key])
+    ]  # fmt: skip
+    out: dict[str, Any] = {"loss": loss_key, "ids": [r["id"] for r in used]}
+    if not used:
+        out["status"] = "no finished points"
+        return out
+    loss = [r[loss_key] for r in used]
+    compute = [r["flops"] for r in used]
+    out["compute_law"] = fit_compute_law(compute, loss, bootstrap, seed)
+    # Split N only when both towers change shape (the projector follows the LLM's width).
+    split = (
+        len({(r["vit_layers"], r["vit_hidden"]) for r in used}) > 1
+        and len({(r["llm_layers"], r["llm_hidden"]) for r in used}) > 1
+    )
+    if split:
+        x = [[r["n_vision"], r["n_language"], r["tokens"]] for r in used]
+        names = ["Nv", "Nl", "D"]
+    else:
+        x = [[r["N"], r["tokens"]] for r in used]
+        names = ["N", "D"]
+    out["parametric"] = fit_parametric(
+        np.asarray(x), loss, names, compute, bootstrap, holdout_fraction, seed
+    )
+    with_budget = [i for i, r in enumerate(used) if r.get("budget") is not None]
+    if with_budget:
+        out["isoflop"] = isoflop_minima(
+            [used[i]["budget"] for i in with_budget],
+            [used[i]["N"] for i in with_budget],
+            [used[i]["tokens"] for i in with_budget],
+            [loss[i] for i in with_budget],
+            [compute[i] for i in with_budget],
+            bootstrap,
+            seed,
+        )
+    out["status"] = "ok"
+    return out
