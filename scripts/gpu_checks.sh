@@ -12,7 +12,7 @@ set -u
 ONLY=" $* "
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
 PY=${PYTHON:-python3}
 
 step() {  # step NAME SECONDS COMMAND...: run, keep the log, note the outcome
@@ -30,27 +30,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -c "import torch, transformer_engine as te; print('torch', torch.__version__, 'TE', te.__version__)" \
   | tee -a "$OUT/summary.txt"
 
-step pytest_gpu 150 "$PY" -m pytest -q -m gpu --timeout 120 \
+step pytest_gpu 90 "$PY" -m pytest -q -m gpu --timeout 120 \
   tests/test_te_gpu.py tests/test_backends.py tests/test_cpu_platform.py \
   tests/test_data_dali.py tests/test_data_loader.py
 
 # LLM of an 8B-class stack (InternLM2.5-7B widths, 8 of its 32 layers), 8192 packed tokens.
-step bench_llm 170 "$PY" benchmarks/train_step.py --flavour internvl2_5_8b --part llm \
+step bench_llm 110 "$PY" benchmarks/train_step.py --flavour internvl2_5_8b --part llm \
   --llm-layers 8 --seq-length 8192 --samples-per-row 4 \
-  --precision bf16,fp8-tensorwise,fp8-delayed --warmup 3 --steps 8 --profile
+  --precision bf16,fp8-tensorwise,fp8-delayed --warmup 2 --steps 5 --profile
+
+step fp8_convergence 150 "$PY" benchmarks/fp8_convergence.py \
+  --variants bf16,fp8-delayed,fp8-tensorwise --backend te --flavour internvl2_5_1b \
+  --llm-layers 4 --vit-layers 4 --seq-length 2048 --steps 200 --out /tmp/fp8_convergence
+cp /tmp/fp8_convergence/curves.csv "$OUT/fp8_curves.csv" 2>/dev/null
 
 # The whole InternVL step: InternViT-300M (24 layers) + 8 LLM layers, 4 x 2048-token samples
 # with 2 tiles each.
-step bench_internvl 150 "$PY" benchmarks/train_step.py --flavour internvl2_5_8b --part internvl \
+step bench_internvl 90 "$PY" benchmarks/train_step.py --flavour internvl2_5_8b --part internvl \
   --llm-layers 8 --seq-length 8192 --samples-per-row 4 --tiles-per-sample 2 \
-  --precision bf16,fp8-tensorwise --warmup 3 --steps 8
-
-step fp8_convergence 170 "$PY" benchmarks/fp8_convergence.py \
-  --variants bf16,fp8-delayed,fp8-tensorwise --backend te --flavour internvl2_5_1b \
-  --llm-layers 4 --vit-layers 4 --seq-length 2048 --steps 300 --out /tmp/fp8_convergence
-cp /tmp/fp8_convergence/curves.csv "$OUT/fp8_curves.csv" 2>/dev/null
+  --precision bf16,fp8-tensorwise --warmup 2 --steps 5
 
 if [ -f benchmarks/data_throughput.py ]; then
-  step data_gpu 90 "$PY" benchmarks/data_throughput.py --device gpu
+  step data_gpu 90 "$PY" benchmarks/data_throughput.py --device gpu --samples 120 --repeats 1
 fi
 cat "$OUT/summary.txt"

@@ -328,7 +328,7 @@ def test_gpu_tiler_matches_the_cpu_one(data, quality):
     """device_id=0 runs `image_graph` ("mixed" decoding, DALI's GPU resize, nvJPEG
     re-compression of whole images): same tile counts, uint8 tiles on the GPU, within the
     resizers', IDCTs' and encoders' difference of the CPU tiles (host resize, PIL per tile),
-    and a float batch on the GPU. Not yet run on a GPU."""
+    and a float batch on the GPU. Ran on an H200 (2026-11-26)."""
     reader = ShardReader()
     raws = [reader.read(e) for e in read_index(data["a"][0])]
     jobs = [ImageJob(d, 6, 90) for raw in raws for d in raw.images]
@@ -337,7 +337,10 @@ def test_gpu_tiler_matches_the_cpu_one(data, quality):
     gpu = ImageTiler(TilerConfig(image_size=S, jpeg_quality=q, device_id=0)).tile(jobs)
     for a, b in zip(cpu, gpu, strict=True):
         assert b.is_cuda and b.dtype == torch.uint8 and a.shape == b.shape
-        assert (a.float() - b.cpu().float()).abs().mean() < 3.0  # uint8 levels
+        # uint8 levels. With JPEG, the GPU compresses the whole grid image and the CPU each
+        # tile (other 8x8 block alignment): 3.13 levels seen at q=95 on an H200.
+        limit = 3.0 if quality is None else 4.0
+        assert (a.float() - b.cpu().float()).abs().mean() < limit
     batch = normalize_tiles(gpu)
     assert batch.is_cuda and batch.dtype == torch.float32
     assert torch.allclose(batch.cpu(), normalize_tiles([t.cpu() for t in gpu]), atol=1e-6)

@@ -241,11 +241,11 @@ class InternViT(MegatronModule):
         tokens_ntc = self.embeddings(pixels_nchw)
         n, length, _ = tokens_ntc.shape
         padded = math.ceil(length / self.seq_pad_multiple) * self.seq_pad_multiple
-        pad_keys = None
         if padded != length:
             tokens_ntc = F.pad(tokens_ntc, (0, 0, 0, padded - length))
-            pad_keys = torch.zeros(n, 1, 1, padded, dtype=torch.bool, device=tokens_ntc.device)
-            pad_keys[..., length:] = True  # Megatron masks: True = masked out
+        # Always a mask (TE's padding attention requires one, even when nothing is padded).
+        pad_keys = torch.zeros(n, 1, 1, padded, dtype=torch.bool, device=tokens_ntc.device)
+        pad_keys[..., length:] = True  # Megatron masks: True = masked out
         hidden_snc = tokens_ntc.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             hidden_snc = tensor_parallel.scatter_to_sequence_parallel_region(hidden_snc)

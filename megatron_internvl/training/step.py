@@ -81,7 +81,7 @@ def forward_backward(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for report in reports:
             totals += report["lm loss"].double()
@@ -89,6 +89,7 @@ def forward_backward(
     torch.distributed.all_reduce(
         totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
     )
+    totals = totals.cpu()
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
