@@ -37,6 +37,18 @@ def _estimate(e: dict[str, float]) -> str:
     return f"{e['value']:.3g} [{e['low']:.3g}, {e['high']:.3g}]"
 
 
+def _decorate(ax: Any) -> None:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> Path:
     """Each model's points (connected, by compute), the frontier and the fitted compute law."""
     plt = _pyplot()
@@ -83,12 +95,8 @@ def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path)
     ax.set_xlabel("training compute C (FLOPs: ViT + projector + LLM, forward + backward)")
     ax.set_ylabel(f"training loss ({loss_key.replace('_', ' ')})")
     ax.set_title("Loss vs compute, with the fitted compute-optimal frontier")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _decorate(ax)
+    return _save(plt, fig, path)
 
 
 def isoflop_curves(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> Path | None:
@@ -161,10 +169,7 @@ def isoflop_curves(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) 
     right.set_title("Compute-optimal model size and tokens")
     right.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def predicted_vs_observed(
@@ -199,10 +204,7 @@ def predicted_vs_observed(
     ax.set_ylabel("predicted loss")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def loss_vs_lr(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> Path | None:
@@ -219,12 +221,8 @@ def loss_vs_lr(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> P
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel(f"training loss ({fit['loss'].replace('_', ' ')})")
     ax.set_title("Learning-rate sensitivity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _decorate(ax)
+    return _save(plt, fig, path)
 
 
 def draw_all(rows: list[dict[str, Any]], fit: dict[str, Any], out: Path) -> dict[str, Path]:
