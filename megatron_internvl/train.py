@@ -8,9 +8,26 @@ logging changes are off: the run directory is <output_dir>/<name>, the same on e
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@contextmanager
+def _beside_a_running_hydra() -> Iterator[None]:
+    """Hydra allows one initialised instance per process; a Hydra app that composes training
+    configs (the sweep multirun plans its points) parks its own while `compose` runs."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    running = GlobalHydra.instance()
+    parked = running.hydra
+    running.clear()
+    try:
+        yield
+    finally:
+        running.hydra = parked
 
 
 def compose(overrides: list[str]):
@@ -23,7 +40,7 @@ def compose(overrides: list[str]):
 
     # The schema is the base of every recipe: unknown keys and wrong types fail at compose.
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
-    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+    with _beside_a_running_hydra(), initialize_config_dir(str(RECIPES), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
 

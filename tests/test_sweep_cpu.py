@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet
 import pytest
 
 from megatron_internvl.sweeps.collect import read_table
@@ -67,6 +68,8 @@ def test_the_sweep_runs_every_point_and_fits_and_draws(sweep):
     assert "6 to run, 0 already done" in stdout
     rows = read_table(out / "results.csv")
     assert [r["status"] for r in rows] == ["done"] * 6
+    # The Parquet copy holds the same table (typed columns, values equal to the CSV's).
+    assert pyarrow.parquet.read_table(out / "results.parquet").to_pylist() == rows
     for budget in (2e10, 4e10):
         points = [r for r in rows if r["budget"] == budget]
         assert len(points) == 3

@@ -4,7 +4,10 @@ one Slurm array task per point through the project's launcher."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -118,6 +121,30 @@ def test_slurm_runs_one_array_task_per_pending_point(tmp_path):
     assert [p["id"] for p in only.run] == [points[1]["id"]]
     with pytest.raises(SweepError, match="no point"):
         launch.select(sweep, points, ["nope"], False)
+
+
+def test_the_multirun_plans_then_refuses_what_it_cannot_run(tmp_path):
+    """The Hydra app: a dry run plans and prints one job per point still to run; Hydra's comma
+    sweeps and a run without --multirun are refused with what to do."""
+    app = [sys.executable, "-m", "megatron_internvl.sweeps.app"]
+    args = ["--config-name", "cpu_mini", *SYNTHETIC, f"output_dir={tmp_path}", "budgets=[2e10]"]
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    dry = run(*app, "-m", *args, "hydra/launcher=basic", "launch.dry_run=true")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    planned = json.loads((tmp_path / "cpu_mini" / "plan.json").read_text())["points"]
+    assert f"{len(planned)} to run, 0 already done" in dry.stdout
+    jobs = [line for line in dry.stdout.splitlines() if "point=" in line]
+    assert [j.rsplit("point=", 1)[1].strip("'") for j in jobs] == planned
+    assert not (tmp_path / "cpu_mini" / "points" / planned[0] / "train.log").exists()
+
+    swept = run(*app, "-m", *args, "lr=1e-4,2e-4")
+    assert swept.returncode == 2 and "not Hydra's comma sweeps" in swept.stderr
+    single = run(*app, *args)
+    assert single.returncode == 2 and "add --multirun" in single.stderr
 
 
 @pytest.mark.parametrize("name", ["grid", "isoflop"])

@@ -1,6 +1,7 @@
 """Scaling-law sweeps: `python tools/sweep.py COMMAND SWEEP [hydra overrides] [options]`.
 
-COMMAND: plan (print the points), launch (run the points not done yet), collect (results.csv),
+COMMAND: plan (print the points), launch (run the points not done yet, as a Hydra multirun:
+`python -m megatron_internvl.sweeps.app -m --config-name SWEEP ...`), collect (results.csv),
 fit (fit.json), report (figures + report.md), run (launch, then report), status.
 SWEEP: a recipe in recipes/sweep/ (e.g. cpu_mini); overrides as in Hydra, e.g.
 `launch.jobs=2 output_dir=/tmp/sweeps budgets=[1e10,2e10]`.
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         code = 0
         if args.command in ("launch", "run"):
-            code = commands.launch(cfg, args.only, args.force, args.dry_run)
+            code = commands.launch(args.sweep, args.overrides, args.only, args.force, args.dry_run)
             if args.command == "launch" or args.dry_run:
                 return code
         if args.command == "status":

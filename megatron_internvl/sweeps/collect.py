@@ -16,6 +16,7 @@ from megatron_internvl.sweeps.point import DONE
 
 LOSS_TAG = "train/loss"
 RESULTS_FILE = "results.csv"
+PARQUET_FILE = "results.parquet"
 
 COLUMNS = [
     "id", "status", "model", "budget", "lr", "steps", "tokens", "flops",
@@ -26,6 +27,12 @@ COLUMNS = [
 ]  # fmt: skip
 """N = non-embedding parameters = n_vision (ViT + projector) + n_language (LLM without its
 input embedding and output layer)."""
+TEXT_COLUMNS = {"id", "status", "model"}
+INTEGER_COLUMNS = {
+    "steps", "tokens", "vit_layers", "vit_hidden", "llm_layers", "llm_hidden",
+    "n_vision", "n_language", "n_embedding", "N", "params_total",
+    "seq_length", "global_batch", "last_step",
+}  # fmt: skip
 
 
 def read_losses(tensorboard_dir: Path) -> dict[int, float]:
@@ -92,10 +99,27 @@ def collect_point(point_dir: Path, point: dict[str, Any], smoothing: float) -> d
 
 
 def collect(sweep: Path, smoothing: float = 0.6) -> list[dict[str, Any]]:
-    """One row per planned point (in plan order), written to <sweep>/results.csv."""
+    """One row per planned point (in plan order), written to <sweep>/results.csv and
+    <sweep>/results.parquet."""
     rows = [collect_point(sweep / "points" / p["id"], p, smoothing) for p in read_points(sweep)]
     write_table(rows, sweep / RESULTS_FILE)
+    write_parquet(rows, sweep / PARQUET_FILE)
     return rows
+
+
+def write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    """The same table as Parquet, typed per column (missing values are nulls)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def kind(column: str) -> pa.DataType:
+        if column in TEXT_COLUMNS:
+            return pa.string()
+        return pa.int64() if column in INTEGER_COLUMNS else pa.float64()
+
+    schema = pa.schema([(column, kind(column)) for column in COLUMNS])
+    table = pa.Table.from_pylist([{k: row.get(k) for k in COLUMNS} for row in rows], schema)
+    pq.write_table(table, path)
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:

@@ -3,7 +3,6 @@ plan -> launch -> collect -> fit -> report (figures + markdown)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -41,41 +40,21 @@ def describe(result: Plan) -> str:
 
 
 def launch(
-    cfg: SweepConfig, only: list[str] | None = None, force: bool = False, dry_run: bool = False
+    name: str,
+    overrides: list[str],
+    only: list[str] | None = None,
+    force: bool = False,
+    dry_run: bool = False,
 ) -> int:
-    """Plan, then run every point not yet done (or `only` these); 0 if all that ran succeeded."""
-    from megatron_internvl.sweeps import launch as launch_mod
+    """Run the sweep recipe `name` as a Hydra multirun (megatron_internvl.sweeps.app) in a
+    child process: every point not yet done, or `only` these; 0 if all that ran succeeded."""
+    import subprocess
+    import sys
 
-    result = plan(cfg)
-    points = [dataclasses.asdict(p) for p in result.points]
-    chosen = launch_mod.select(result.sweep_dir, points, only, force and not dry_run)
-    print(
-        f"sweep {cfg.name}: {len(chosen.run)} to run, {len(chosen.skipped)} already done",
-        flush=True,
-    )
-    if not chosen.run:
-        return 0
-    if cfg.launch.backend == "slurm":
-        array, scripts = launch_mod.slurm_scripts(
-            result.sweep_dir,
-            cfg.name,
-            chosen.run,
-            cfg.launch.cluster,
-            cfg.launch.cluster_overrides,
-            cfg.launch.max_parallel,
-        )
-        if dry_run:
-            print(array)
-            return 0
-        print(launch_mod.submit_slurm(result.sweep_dir, array, scripts))
-        return 0
-    if dry_run:
-        for point in chosen.run:
-            point_dir = result.sweep_dir / "points" / point["id"]
-            print(" ".join(launch_mod._point_command(point_dir, cfg.launch.nproc)))
-        return 0
-    codes = launch_mod.run_local(result.sweep_dir, chosen.run, cfg.launch.nproc, cfg.launch.jobs)
-    return 0 if all(code == 0 for code in codes.values()) else 1
+    extra = [f"launch.only=[{','.join(repr(i) for i in only)}]"] if only else []
+    extra += ["launch.force=true"] * force + ["launch.dry_run=true"] * dry_run
+    command = [sys.executable, "-m", "megatron_internvl.sweeps.app", "--multirun"]
+    return subprocess.run([*command, "--config-name", name, *overrides, *extra]).returncode
 
 
 def collect(cfg: SweepConfig) -> list[dict[str, Any]]:

@@ -59,6 +59,12 @@ class LaunchSection:
     """Overrides of that cluster config for every point, e.g. ["cluster.nodes=4"]."""
     max_parallel: int | None = None
     """Slurm array throttle (`--array=...%N`); None: no limit."""
+    only: list[str] = field(default_factory=list)
+    """Run only these point ids (e.g. a failed one, alone); empty: every point not done."""
+    force: bool = False
+    """Re-run points already done, from scratch."""
+    dry_run: bool = False
+    """Plan and print what would run (the array script for Slurm), run nothing."""
 
 
 @dataclass
@@ -101,6 +107,8 @@ class SweepConfig:
     flops: FlopsSection = field(default_factory=FlopsSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
     fit: FitSection = field(default_factory=FitSection)
+    point: str | None = None
+    """The one point a multirun job trains: set by the sweeper for each job, never by hand."""
 
 
 def compose_sweep(name: str, overrides: list[str]) -> SweepConfig:

@@ -69,7 +69,7 @@ def select(
     return Selection(run, skipped)
 
 
-def _point_command(point_dir: Path, nproc: int) -> list[str]:
+def point_command(point_dir: Path, nproc: int) -> list[str]:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return [*torchrun, "--nproc-per-node", str(nproc), "-m", POINT_MODULE, str(point_dir)]
 
@@ -92,7 +92,7 @@ def run_local(sweep: Path, points: list[dict[str, Any]], nproc: int, jobs: int) 
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} launch\n")
             log.flush()
             proc = subprocess.Popen(
-                _point_command(point_dir.resolve(), nproc),
+                point_command(point_dir.resolve(), nproc),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
