@@ -1,12 +1,15 @@
 """Loss curves of the same training run in several precisions, through the real training loop.
 
 Each variant is one `megatron_internvl.train` run (one rank, synthetic packed rows with images,
-same seed, so the same data and initial weights); losses are read back from its TensorBoard
-events with TensorBoard's own reader and compared with the first variant after smoothing.
+same seed, so the same data and initial weights; the rows' text follows a fixed permutation of
+`--text-vocab` ids, so the loss falls from ln(vocab) within a few hundred steps); losses are
+read back from its TensorBoard events with TensorBoard's own reader and compared with the first
+variant after smoothing.
 
   # GPU: FP8 (delayed and current scaling) against bf16, 300 steps of a 1B-width InternVL
   python benchmarks/fp8_convergence.py --variants bf16,fp8-delayed,fp8-tensorwise --backend te \\
-      --flavour internvl2_5_1b --llm-layers 4 --vit-layers 4 --seq-length 2048 --steps 300
+      --flavour internvl2_5_1b --llm-layers 4 --vit-layers 4 --seq-length 2048 --steps 300 \\
+      --parallel
   # CPU (what CI runs): bf16 against fp32 on the tiny flavour
   python benchmarks/fp8_convergence.py --variants fp32,bf16 --backend local --steps 8
 
@@ -55,6 +58,7 @@ def train_command(args: argparse.Namespace, variant: str, out: Path) -> list[str
         command.append(f"model.vit_layers={args.vit_layers}")
     command += ["parallel.tensor=1", "parallel.sequence_parallel=false", "parallel.gpus=1"]
     command += ["data.source=synthetic", f"data.seq_length={args.seq_length}"]
+    command += [f"data.synthetic_text_vocab={args.text_vocab}"]
     command += [f"train.steps={args.steps}", f"train.global_batch={args.global_batch}"]
     command += [f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}"]
     command += [f"train.warmup_steps={max(args.steps // 20, 1)}", "train.seed=1234"]
@@ -109,7 +113,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq-length", type=int, default=64)
     parser.add_argument("--global-batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--text-vocab",
+        type=int,
+        default=256,
+        help="synthetic text ids drawn from the first N: learnable in a few hundred steps",
+    )
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the variants at the same time (one GPU holds several small runs)",
+    )
     parser.add_argument("--smooth", type=int, default=20, help="moving-average window, steps")
     parser.add_argument("--tolerance", type=float, default=0.02)
     parser.add_argument("--out", type=Path, default=Path("runs/fp8_convergence"))
@@ -120,21 +135,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"unknown variants {unknown}; use {list(VARIANTS)}")
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    curves = {}
+    for variant in variants:
+        shutil.rmtree(args.out / variant, ignore_errors=True)  # else the run would resume
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Each run's output goes to a file: several runs at once must not block on a full pipe.
+    logs = {v: (args.out / f"{v}.log").open("w") for v in variants}
+    running = {}
     for variant in variants:
         print(f"== {variant}", flush=True)
-        shutil.rmtree(args.out / variant, ignore_errors=True)  # else the run would resume
-        run = subprocess.run(
+        running[variant] = subprocess.Popen(
             train_command(args, variant, args.out),
             cwd=ROOT,
             env=env,
-            text=True,
-            capture_output=True,
+            stdout=logs[variant],
+            stderr=subprocess.STDOUT,
         )
-        if run.returncode != 0:
-            print(run.stdout[-4000:], run.stderr[-8000:], sep="\n")
+        if not args.parallel:
+            running[variant].wait()
+    curves = {}
+    for variant in variants:
+        code = running[variant].wait()
+        logs[variant].close()
+        text = (args.out / f"{variant}.log").read_text()
+        if code != 0:
+            print(f"{variant} failed (exit {code}):\n{text[-8000:]}")
             raise SystemExit(2)
-        print("\n".join(line for line in run.stdout.splitlines() if "step" in line)[-600:])
+        print(
+            f"{variant}: " + " | ".join(line for line in text.splitlines() if "step" in line)[-300:]
+        )
         curves[variant] = read_losses(args.out / variant)
 
     steps = min(len(c) for c in curves.values())

@@ -138,7 +138,9 @@ class Timer:
 def ours_step(
     work: Workload, precision: PrecisionConfig, backend: str, recompute: str, rows: list
 ) -> tuple[Callable[[], None], int]:
-    """(one optimizer step, parameter count) for our model on this process's one-rank world."""
+    """(one optimizer step, parameter count) for our model on this process's one-rank world.
+    The count leaves out the vocabulary padding's rows (masked, see LanguageConfig), so it is
+    comparable with transformers'."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_internvl.models.internvl import build_internvl_chunks
@@ -187,7 +189,9 @@ def ours_step(
         )
         optimizer.step()
 
-    return step, sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    lang = work.spec.language
+    padding = 2 * (lang.padded_vocab_size - lang.vocab_size) * lang.hidden_size  # embed + output
+    return step, sum(p.numel() for chunk in chunks for p in chunk.parameters()) - padding
 
 
 def baseline_step(
@@ -385,11 +389,18 @@ def print_table(
 ) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     spec = work.spec
-    print(
-        f"\n{device}: {spec.name} part={work.part} LLM layers={spec.language.num_layers} "
+    shape = (
         f"ViT layers={spec.vision.num_layers} | {work.microbatches} x {work.seq_length}-token "
         f"rows of {work.samples_per_row} samples x {work.tiles_per_sample} tiles "
-        f"({work.tiles_per_row} tiles/row) | recompute={args.recompute} | "
+        f"({work.tiles_per_row} tiles/row)"
+        if work.part == "internvl"
+        else f"{work.microbatches} x {work.seq_length}-token rows of {work.samples_per_row} "
+        "text samples"
+    )
+    print(
+        f"\n{device}: {spec.name} part={work.part} LLM layers={spec.language.num_layers} "
+        f"(vocab {spec.language.vocab_size} padded to {spec.language.padded_vocab_size}) "
+        f"{shape} | recompute={args.recompute} | "
         f"{work.flops_per_step() / 1e12:.2f} model TFLOP/step | peak {peak_text}"
     )
     header = (

@@ -211,7 +211,8 @@ def megatron_logits(ckpt: str, spec_name: str, inputs: dict[str, torch.Tensor]) 
     """Rank function: our logits from the dist checkpoint at TP=1, TP=2 and PP=2 (2 ranks).
 
     TP-sharded vocab logits are all-gathered; under PP the first stage sends its hidden
-    states to the last, which returns the logits.
+    states to the last, which returns the logits. The padded vocabulary's columns must hold the
+    masked minimum; they are cut off to compare with transformers.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -237,7 +238,7 @@ def megatron_logits(ckpt: str, spec_name: str, inputs: dict[str, torch.Tensor]) 
                 group = parallel_state.get_tensor_model_parallel_group()
                 parts = [torch.empty_like(logits) for _ in range(layout.tensor)]
                 dist.all_gather(parts, logits.contiguous(), group=group)
-                results[str(layout)] = torch.cat(parts, dim=-1)
+                results[str(layout)] = _unpadded(torch.cat(parts, dim=-1), spec)
             elif parallel_state.is_pipeline_first_stage():
                 hidden_sbh = model(ids, positions, images=inputs["pixel_values"])
                 dist.send(hidden_sbh.contiguous(), dst=1)
@@ -246,5 +247,12 @@ def megatron_logits(ckpt: str, spec_name: str, inputs: dict[str, torch.Tensor]) 
                 hidden_sbh = torch.empty(ids.size(1), ids.size(0), spec.language.hidden_size)
                 dist.recv(hidden_sbh, src=0)
                 model.set_input_tensor(hidden_sbh)
-                results[str(layout)] = model(ids, positions)
+                results[str(layout)] = _unpadded(model(ids, positions), spec)
     return results
+
+
+def _unpadded(logits: torch.Tensor, spec) -> torch.Tensor:
+    vocab = spec.language.vocab_size
+    assert logits.size(-1) == spec.language.padded_vocab_size > vocab
+    assert (logits[..., vocab:] == torch.finfo(logits.dtype).min).all()
+    return logits[..., :vocab]

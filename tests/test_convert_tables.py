@@ -53,7 +53,7 @@ def test_native_config_equals_the_oracle(flavour):
 
 CTX = ShapeContext(
     vit_heads=5, vit_padded_heads=8, vit_head_dim=3, llm_heads=6, llm_groups=2,
-    llm_head_dim=4, vocab=20,
+    llm_head_dim=4, vocab=20, padded_vocab=32,
 )  # fmt: skip
 HF_SHAPES = {
     "identity": [(7, 5)],
@@ -77,6 +77,12 @@ def test_transforms_invert_exactly(name):
     assert len(back) == len(parts) and all(
         torch.equal(a, b) for a, b in zip(back, parts, strict=True)
     )
+
+
+def test_vocab_rows_are_padded_with_zero_rows_that_export_drops():
+    rows = torch.randn(20, 10)
+    padded = TRANSFORMS["vocab_rows"].to_megatron(CTX, rows)
+    assert padded.shape == (32, 10) and torch.equal(padded[:20], rows) and not padded[20:].any()
 
 
 def test_vit_dummy_heads_are_zero_with_unit_qk_norm():

@@ -95,3 +95,48 @@ def test_padded_vit_heads_get_zero_gradients(model):
         assert torch.count_nonzero(dummy_rows) == 0
         assert torch.count_nonzero(attention.linear_proj.weight.grad[:, 5 * head :]) == 0
         assert torch.count_nonzero(attention.linear_qkv.weight.grad[: 5 * 3 * head]) > 0
+
+
+def test_padded_vocabulary_leaves_loss_and_gradients_unchanged(single_rank):
+    """vocab_multiple pads the embedding and output layers (300 -> 384 rows here); the padded
+    logits are masked, so per-token losses and every real parameter's gradient equal the
+    unpadded model's, and the padded rows get no gradient."""
+    import dataclasses
+
+    unpadded_spec = dataclasses.replace(
+        SPEC, language=dataclasses.replace(SPEC.language, vocab_multiple=1)
+    )
+    assert SPEC.language.padded_vocab_size == 384 > unpadded_spec.language.padded_vocab_size
+    torch.manual_seed(0)
+    [padded] = build_internvl_chunks(SPEC, ParallelLayout(), 64, vision_pad_heads_to=2)
+    [plain] = build_internvl_chunks(unpadded_spec, ParallelLayout(), 64, vision_pad_heads_to=2)
+    vocab = SPEC.language.vocab_size
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            source = dict(padded.named_parameters())[name]
+            param.copy_(source[:vocab] if source.shape != param.shape else source)
+    gen = torch.Generator().manual_seed(3)
+    tokens, images = _sample(40, 2, gen)
+    labels = torch.randint(0, vocab, tokens.shape, generator=gen)
+    positions = torch.arange(40).unsqueeze(0)
+    losses = []
+    for model in (padded, plain):
+        model.zero_grad()
+        loss = model(tokens, positions, images, labels)
+        loss.sum().backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    grads = dict(plain.named_parameters())
+    for name, param in padded.named_parameters():
+        grad = param.grad
+        if param.size(0) == SPEC.language.padded_vocab_size:
+            assert not grad[vocab:].any(), f"{name}: padded rows got a gradient"
+            grad = grad[:vocab]
+        reference = grads[name].grad  # float32 noise: the softmax sums 384 columns, not 300
+        scale = float(reference.abs().max())
+        torch.testing.assert_close(
+            grad, reference, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    with torch.no_grad():
+        logits = padded(tokens, positions, images)
+    assert logits.size(-1) == 384 and logits[..., :vocab].argmax(-1).equal(logits.argmax(-1))

@@ -37,6 +37,8 @@ class ShapeContext:
     llm_head_dim: int
     vocab: int
     """Unpadded vocabulary (len(tokenizer) after InternVL added its tokens)."""
+    padded_vocab: int
+    """Rows of the Megatron embedding and output layers (see LanguageConfig.vocab_multiple)."""
 
     @classmethod
     def of(cls, spec: InternVLSpec, vit_padded_heads: int | None = None) -> ShapeContext:
@@ -49,6 +51,7 @@ class ShapeContext:
             llm_groups=lang.num_query_groups,
             llm_head_dim=lang.kv_channels or lang.hidden_size // lang.num_attention_heads,
             vocab=lang.vocab_size,
+            padded_vocab=lang.padded_vocab_size,
         )
 
     @property
@@ -159,11 +162,19 @@ SWIGLU_FC1 = Transform(
     lambda ctx, gate, up: torch.cat([gate, up]),
     lambda ctx, w: tuple(w.chunk(2)),
 )
+
+
+def _pad_vocab(ctx: ShapeContext, w: torch.Tensor) -> torch.Tensor:
+    # Zero rows up to the padded size: the model masks their logits, nothing reads them.
+    missing = ctx.padded_vocab - w.size(0)
+    return torch.cat([w, w.new_zeros(missing, *w.shape[1:])]) if missing > 0 else w
+
+
 VOCAB_ROWS = Transform(
     "vocab_rows",
-    "embedding / output rows: HF holds exactly the unpadded vocabulary (so does the TP=1 model "
-    "the converter builds); export drops any rows a padded Megatron vocabulary adds",
-    lambda ctx, w: w,
+    "embedding / output rows: HF holds the unpadded vocabulary; Megatron pads it with zero rows "
+    "to a multiple of vocab_multiple, which export drops",
+    _pad_vocab,
     lambda ctx, w: (w[: ctx.vocab],),
 )
 
@@ -180,7 +191,7 @@ VOCAB_EXTEND = Transform(
     "vocab_extend",
     "stage-1 import from a bare LLM: keep its tokenizer's rows, add InternVL's 9 tokens as "
     "mean rows",
-    _extend_vocab,
+    lambda ctx, w: _pad_vocab(ctx, _extend_vocab(ctx, w)),
     lambda ctx, w: (w[: ctx.vocab - INTERNVL_ADDED_TOKENS],),
     min_rows=lambda ctx: ctx.vocab - INTERNVL_ADDED_TOKENS,
 )

@@ -46,6 +46,12 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
             f"{lang.num_query_groups} key/value groups are not divisible by "
             f"tensor_parallel={tp}; use one of {_divisors(lang.num_query_groups)}"
         )
+    if lang.padded_vocab_size % tp:
+        errors.append(
+            f"the padded vocabulary ({lang.vocab_size} -> {lang.padded_vocab_size} rows, a "
+            f"multiple of vocab_multiple={lang.vocab_multiple}) is not divisible by "
+            f"tensor_parallel={tp}; use a vocab_multiple that is a multiple of {tp}"
+        )
     layers = cfg.model.num_layers or lang.num_layers
     first = cfg.parallel.first_stage_layers
     if pp > 1:

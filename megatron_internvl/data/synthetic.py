@@ -23,6 +23,8 @@ class SyntheticSpec:
     tokens_per_tile: int
     image_size: int
     seq_length: int
+    text_vocab: int | None = None
+    """Text ids drawn from [0, text_vocab); None: every id below the image token."""
 
 
 class SyntheticRows:
@@ -31,7 +33,12 @@ class SyntheticRows:
     def __init__(self, spec: SyntheticSpec, seed: int, dp_rank: int, dp_size: int) -> None:
         self.spec, self.seed, self.dp_rank, self.dp_size = spec, seed, dp_rank, dp_size
         self.next_index = 0
-        text_vocab = spec.image_token_id  # ids below the image token are plain text
+        text_vocab = spec.text_vocab or spec.image_token_id  # ids below it are plain text
+        if not 1 < text_vocab <= spec.image_token_id:
+            raise ValueError(
+                f"data.synthetic_text_vocab={spec.text_vocab}: give 2 to {spec.image_token_id} "
+                "(the text ids below the image token)"
+            )
         self.perm = torch.randperm(text_vocab, generator=torch.Generator().manual_seed(seed))
 
     def _row(self, index: int) -> dict[str, Any]:

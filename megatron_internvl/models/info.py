@@ -15,13 +15,21 @@ _EMBEDDINGS = ("language_model.embedding.", "language_model.output_layer.")
 
 
 def _named_sizes(spec: InternVLSpec, max_sequence_length: int) -> list[tuple[str, int]]:
-    """(name, numel) of every parameter; allocates nothing: parameters live on the meta device
-    and are never initialized. Needs Megatron's process groups (`runtime.single_process()`)."""
+    """(name, numel) of every parameter, the vocabulary padding's rows left out (masked, never
+    trained: not part of the model); allocates nothing: parameters live on the meta device and
+    are never initialized. Needs Megatron's process groups (`runtime.single_process()`)."""
     with torch.device("meta"):
         [model] = build_internvl_chunks(
             spec, ParallelLayout(), max_sequence_length, perform_initialization=False
         )
-    return [(name, param.numel()) for name, param in model.named_parameters()]
+    padded, vocab = spec.language.padded_vocab_size, spec.language.vocab_size
+
+    def size(name: str, param: torch.Tensor) -> int:
+        if name.startswith(_EMBEDDINGS) and param.size(0) == padded:
+            return param.numel() // padded * vocab
+        return param.numel()
+
+    return [(name, size(name, param)) for name, param in model.named_parameters()]
 
 
 def parameter_counts(spec: InternVLSpec, max_sequence_length: int = 4096) -> dict[str, int]:

@@ -65,7 +65,7 @@ class InternVLModel(MegatronModule):
             transformer_layer_spec=block_spec(
                 language_config, backend.layer(), vp_stage, backend.final_norm()
             ),
-            vocab_size=spec.language.vocab_size,
+            vocab_size=spec.language.padded_vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
             post_process=post_process,
@@ -75,6 +75,19 @@ class InternVLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,  # we scatter after placing images
             vp_stage=vp_stage,
         )
+        if post_process and spec.language.padded_vocab_size > spec.language.vocab_size:
+            self.language_model.output_layer.register_forward_hook(self._mask_vocab_padding)
+
+    def _mask_vocab_padding(self, _module: Any, _args: Any, output: Any) -> Any:
+        """Padded vocabulary columns get the lowest logit: no probability in the loss's softmax
+        (which so equals the unpadded model's), no gradient, never an argmax. In place, since a
+        copy of the logits is the largest activation of the step."""
+        logits, bias = output
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        first_padded = self.spec.language.vocab_size - rank * logits.size(-1)  # in this shard
+        if first_padded < logits.size(-1):
+            logits[..., max(first_padded, 0) :].fill_(torch.finfo(logits.dtype).min)
+        return logits, bias
 
     def set_input_tensor(self, input_tensor: Any) -> None:
         self.language_model.set_input_tensor(input_tensor)

@@ -35,7 +35,7 @@ class LanguageConfig:
     ffn_hidden_size: int
     """SwiGLU intermediate width."""
     vocab_size: int
-    """Rows of the embedding and output layers (before any padding for TP)."""
+    """The vocabulary: len(tokenizer) after InternVL added its tokens (unpadded)."""
     kv_channels: int | None = None
     """Head dim; None means hidden_size // num_attention_heads."""
     qkv_bias: bool = True
@@ -44,6 +44,16 @@ class LanguageConfig:
     """RMSNorm epsilon."""
     rope_theta: float = 1e6
     """RoPE base frequency."""
+    vocab_multiple: int = 128
+    """The embedding and output layers hold the vocabulary padded to a multiple of this
+    (Megatron's make_vocab_size_divisible_by): an odd vocabulary such as InternLM2.5's 92,553
+    makes the output-layer GEMMs fall back to slow unaligned kernels, and TP needs a divisible
+    one. Padded logits are masked, so the loss is exactly the unpadded vocabulary's."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layers."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def transformer_config(self, layout: ParallelLayout, **overrides: Any) -> TransformerConfig:
         """Megatron's TransformerConfig for this shape under `layout` (dropout off, fp32)."""

@@ -53,7 +53,7 @@ def llm_forward_flops(spec: InternVLSpec, sample_lengths: Sequence[int]) -> floa
     tokens = sum(sample_lengths)
     per_token = 2 * (h * (q_width + 2 * kv_width) + q_width * h + 3 * h * lang.ffn_hidden_size)
     attention = 4 * q_width * sum(n * n for n in sample_lengths)
-    output = 2 * tokens * h * lang.vocab_size
+    output = 2 * tokens * h * lang.vocab_size  # the real vocabulary: padding is not model work
     return lang.num_layers * (tokens * per_token + attention) + output
 
 

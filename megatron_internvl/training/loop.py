@@ -411,6 +411,7 @@ def data_source(
             tokens_per_tile=spec.tokens_per_tile,
             image_size=spec.vision.image_size,
             seq_length=cfg.data.seq_length,
+            text_vocab=cfg.data.synthetic_text_vocab,
         )
         return SyntheticRows(synthetic, cfg.train.seed, dp_rank, dp_size)
     raise ValueError(f"data.source={cfg.data.source!r}; use 'synthetic' or 'shards'")
