@@ -16,7 +16,7 @@ import pyarrow.parquet
 import pytest
 
 from megatron_internvl.sweeps.collect import read_table
-from megatron_internvl.sweeps.config import compose_sweep
+from tests.sweep_cases import cpu_mini_args, demo_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,18 +42,9 @@ def _logged_losses(point_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    subprocess.run(
-        [sys.executable, "tools/build_shards.py", "--demo", "--out", str(tmp / "shards")],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    base = compose_sweep("cpu_mini", []).overrides
-    items = ",".join(f"'{o}'" for o in [*base, f"data.shards=[{tmp / 'shards'}]"])
     args = [
         "cpu_mini",
-        f"output_dir={tmp}",
-        f"overrides=[{items}]",
+        *cpu_mini_args(tmp, demo_shards(tmp / "shards")),
         "models.llm.depth=[0.25,0.5,1]",  # 3 sizes x 2 budgets = 6 runs (the README runs 12)
         "budgets=[2e10,4e10]",
         "fit.bootstrap=20",

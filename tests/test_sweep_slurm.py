@@ -15,21 +15,17 @@ from pathlib import Path
 import pytest
 
 from megatron_internvl.sweeps.collect import collect
-from megatron_internvl.sweeps.config import compose_sweep
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+from tests.sweep_cases import ROOT, cpu_mini_args, demo_shards
 
-ROOT = Path(__file__).resolve().parents[1]
 RANKS = 2  # each point trains on two ranks (data parallel), locally and on Slurm
 
 
 def _sweep_args(out: Path, shards: Path) -> list[str]:
-    base = compose_sweep("cpu_mini", []).overrides
-    items = ",".join(f"'{o}'" for o in [*base, f"data.shards=[{shards}]"])
     return [
         "--config-name",
         "cpu_mini",
-        f"output_dir={out}",
-        f"overrides=[{items}]",
+        *cpu_mini_args(out, shards),
         "models.llm.depth=[0.25,0.5]",
         "budgets=[1e10]",
         f"launch.nproc={RANKS}",
@@ -57,19 +53,14 @@ def _final_losses(sweep: Path) -> dict[str, float]:
 def local(tmp_path_factory):
     """The two points run here by Hydra's own basic launcher (one after the other)."""
     tmp = tmp_path_factory.mktemp("local")
-    subprocess.run(
-        [sys.executable, "tools/build_shards.py", "--demo", "--out", str(tmp / "shards")],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    result = _multirun([*_sweep_args(tmp, tmp / "shards"), "hydra/launcher=basic"], os.environ)
+    shards = demo_shards(tmp / "shards")
+    result = _multirun([*_sweep_args(tmp, shards), "hydra/launcher=basic"], os.environ)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 to run, 0 already done" in result.stdout
     # Hydra's launcher wrote each job's composed config under the sweep's hydra/ directory.
     for point in (tmp / "cpu_mini" / "points").iterdir():
         assert (tmp / "cpu_mini" / "hydra" / point.name / ".hydra" / "config.yaml").is_file()
-    return tmp / "shards", _final_losses(tmp / "cpu_mini")
+    return shards, _final_losses(tmp / "cpu_mini")
 
 
 def _wait_until_gone(job: str, env: dict[str, str], timeout: float) -> None:

@@ -31,9 +31,15 @@ PIP="$WORK/venv/bin/pip"
 
 # The extension ships as an sdist only, and `pip download --no-binary` would build it (and refuse
 # a prebuilt torch): fetch the sdist through the index's JSON simple API, checking its hash.
-"$WORK/venv/bin/python" - "$TE_VERSION" "$WORK/sdist" "${PIP_INDEX_URL:-https://pypi.org/simple}" <<'EOF'
+# The index: PIP_INDEX_URL, else pip's configured index-url, else pip's own default.
+INDEX=${PIP_INDEX_URL:-$("$PIP" config get global.index-url 2>/dev/null || true)}
+"$WORK/venv/bin/python" - "$TE_VERSION" "$WORK/sdist" "$INDEX" <<'EOF'
 import hashlib, json, os, sys, urllib.request
-version, dest, index = sys.argv[1], sys.argv[2], sys.argv[3].rstrip("/")
+version, dest, index = sys.argv[1], sys.argv[2], sys.argv[3]
+if not index:
+    from pip._internal.models.index import PyPI
+    index = PyPI.simple_url
+index = index.rstrip("/")
 accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
 request = urllib.request.Request(f"{index}/transformer-engine-torch/", headers=accept)
 files = json.load(urllib.request.urlopen(request))["files"]

@@ -3,8 +3,9 @@ says: local subprocesses (`launch.jobs` points at a time, each on `launch.nproc`
 torchrun), or one Slurm array task per point, each the project's own job script (srun, one task
 per GPU, preemption -> save -> requeue), which also covers multi-node points."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
@@ -12,16 +13,10 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-
-@dataclass
-class ProjectLauncherConf:
-    _target_: str = "hydra_plugins.megatron_internvl_sweeps.launcher.ProjectLauncher"
-
-
 ConfigStore.instance().store(
     group="hydra/launcher",
     name="megatron_internvl",
-    node=ProjectLauncherConf,
+    node={"_target_": "hydra_plugins.megatron_internvl_sweeps.launcher.ProjectLauncher"},
     provider="megatron_internvl",
 )
 

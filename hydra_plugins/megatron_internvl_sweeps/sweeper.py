@@ -6,10 +6,9 @@ Hydra's basic sweeper takes the cartesian product of overrides; a scaling-law sw
 (`point=<id>`) to whichever Hydra launcher is configured.
 """
 
-# No `from __future__ import annotations`: Hydra's plugin scan runs this module outside
-# sys.modules, where dataclasses cannot resolve string annotations.
+from __future__ import annotations
+
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -18,16 +17,10 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-
-@dataclass
-class ScalingLawSweeperConf:
-    _target_: str = "hydra_plugins.megatron_internvl_sweeps.sweeper.ScalingLawSweeper"
-
-
 ConfigStore.instance().store(
     group="hydra/sweeper",
     name="scaling_law",
-    node=ScalingLawSweeperConf,
+    node={"_target_": "hydra_plugins.megatron_internvl_sweeps.sweeper.ScalingLawSweeper"},
     provider="megatron_internvl",
 )
 
