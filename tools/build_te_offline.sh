@@ -63,6 +63,9 @@ NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_NO_LOCAL_VERSION=1 NVTE_BUILD_USE_NVIDIA_WHEE
 "$PIP" download -q --no-deps -d "$OUT" "transformer_engine_cu13==$TE_VERSION" \
   "transformer_engine==$TE_VERSION" nvdlfw-inspect pydantic pydantic-core annotated-types \
   typing-inspection importlib-metadata
+# Proof that the wheel matches the torch ABI: install it here and import it (no GPU needed).
+"$PIP" install -q --no-deps "$OUT"/transformer_engine_torch-"$TE_VERSION"-*.whl
 "$WORK/venv/bin/python" -c "import torch, transformer_engine.pytorch" \
-  && echo "the extension imports against torch $TORCH_VERSION"
+  || { echo "the built extension does not import against torch $TORCH_VERSION" >&2; exit 1; }
+echo "the extension imports against torch $TORCH_VERSION"
 ls -la "$OUT"
