@@ -1,7 +1,8 @@
 """A sweep through Hydra multirun on a real one-node Slurm cluster (tests/slurm_cluster.py), with
-the project's launcher (one array task per point, each the project's job script) and with Hydra's
-submitit launcher (one array task per point, each task one training rank); both give the same
-losses, bit for bit, as the same points run locally by Hydra's basic launcher."""
+the project's launcher (one array task per point, each the project's job script; one task is
+preempted mid-run, saves, requeues and resumes) and with Hydra's submitit launcher (one array
+task per point, each task one training rank); both give the same losses, bit for bit, as the
+same points run locally by Hydra's basic launcher."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _sweep_args(out: Path, shards: Path) -> list[str]:
         "cpu_mini",
         *cpu_mini_args(out, shards),
         "models.llm.depth=[0.25,0.5]",
-        "budgets=[1e10]",
+        "budgets=[2e10]",
         f"launch.nproc={RANKS}",
     ]
 
@@ -84,12 +85,32 @@ def test_project_launcher_runs_one_slurm_array_task_per_point(slurm_cluster, loc
     submitted = _multirun(args, slurm_cluster)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
-    _wait_until_gone(job, slurm_cluster, 400)
     sweep = tmp_path / "cpu_mini"
+    # Preempt array task 0 mid-run: its ranks save, the task requeues itself and the next
+    # attempt resumes from that checkpoint.
+    task_log = sweep / "logs" / f"slurm-{job}_0.out"
+    deadline = time.monotonic() + 300
+
+    def point_of_task_0() -> Path | None:
+        found = task_log.is_file() and re.search(r"array task 0: (\S+)", task_log.read_text())
+        return Path(found.group(1)) if found else None
+
+    def at_step_4(point: Path) -> bool:
+        logs = list(point.glob("logs/job*-attempt0/rank0.log"))
+        return bool(logs) and re.search(r"step +4 \|", logs[0].read_text()) is not None
+
+    while (first := point_of_task_0()) is None or not at_step_4(first):
+        assert time.monotonic() < deadline, "array task 0 never reached step 4"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", f"{job}_0"], env=slurm_cluster, check=True)
+    _wait_until_gone(job, slurm_cluster, 400)
     for task in (0, 1):  # one array task per point, each ran its point's srun job script
         log = (sweep / "logs" / f"slurm-{job}_{task}.out").read_text()
         assert f"array task {task}:" in log and "training exited with 0" in log, log[-2000:]
-    assert _final_losses(sweep) == expected
+        assert ("requeueing (attempt 1 of 3)" in log) == (task == 0), log[-2000:]
+    [resumed] = first.glob("logs/job*-attempt1/rank0.log")
+    assert "resumed from" in resumed.read_text()
+    assert _final_losses(sweep) == expected  # the preempted point too, bit for bit
 
     again = _multirun(args, slurm_cluster)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -106,6 +127,9 @@ def test_submitit_launcher_runs_the_points_as_slurm_array_tasks(slurm_cluster, l
         f"hydra.launcher.tasks_per_node={RANKS}",
         "hydra.launcher.cpus_per_task=1",
         "hydra.launcher.timeout_min=10",
+        # One thread per rank, as the project's job script sets: the CPU's reduction order,
+        # hence the last bits of the losses, depends on it.
+        "hydra.launcher.setup=['export OMP_NUM_THREADS=1']",
     ]
     result = _multirun(args, slurm_cluster)  # Hydra waits for the array to finish
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
