@@ -23,20 +23,15 @@ FLAVOUR = "tiny_qwen_300m_style"
 
 
 def _qianfan_config(native: transformers.InternVLConfig) -> transformers.PreTrainedConfig:
+    # The two vision configs name these fields alike.
+    shared = (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "attention_bias",
+        "use_qk_norm", "intermediate_size", "norm_type", "layer_norm_eps", "image_size",
+        "patch_size", "layer_scale_init_value",
+    )  # fmt: skip
     v = native.vision_config
     vision = transformers.QianfanOCRVisionConfig(
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads,
-        attention_bias=v.attention_bias,
-        use_qk_norm=v.use_qk_norm,
-        intermediate_size=v.intermediate_size,
-        norm_type=v.norm_type,
-        layer_norm_eps=v.layer_norm_eps,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        layer_scale_init_value=v.layer_scale_init_value,
-        drop_path_rate=0.0,
+        **{name: getattr(v, name) for name in shared}, drop_path_rate=0.0
     )
     return transformers.QianfanOCRConfig(
         vision_config=vision,

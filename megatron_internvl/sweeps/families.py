@@ -14,9 +14,14 @@ from megatron_internvl.models.registry import InternVLSpec
 from megatron_internvl.sweeps.config import SweepError
 
 
-def _whole(value: float, what: str, hint: str) -> int:
+def _scaled(count: int, factor: float, what: str, axis: str) -> int:
+    """count x factor, which must be a positive whole number (e.g. 'LLM layers', 'depth')."""
+    value = count * factor
     if abs(value - round(value)) > 1e-9 or round(value) < 1:
-        raise SweepError(f"{what} = {value:g} is not a positive whole number; {hint}")
+        raise SweepError(
+            f"{what} {count} x {axis} {factor:g} = {value:g} is not a positive whole number; "
+            f"use a {axis} multiple of 1/{count}"
+        )
     return round(value)
 
 
@@ -25,38 +30,22 @@ def scale_spec(
 ) -> InternVLSpec:
     """`spec` with each tower's layers x depth and heads/hidden/FFN x width."""
     vit, lang = spec.vision, spec.language
-    vit_heads = _whole(
-        vit.num_attention_heads * vit_width,
-        f"ViT heads {vit.num_attention_heads} x width {vit_width:g}",
-        f"use a width multiple of 1/{vit.num_attention_heads}",
-    )
+    vit_heads = _scaled(vit.num_attention_heads, vit_width, "ViT heads", "width")
     vision = dataclasses.replace(
         vit,
-        num_layers=_whole(
-            vit.num_layers * vit_depth,
-            f"ViT layers {vit.num_layers} x depth {vit_depth:g}",
-            f"use a depth multiple of 1/{vit.num_layers}",
-        ),
+        num_layers=_scaled(vit.num_layers, vit_depth, "ViT layers", "depth"),
         num_attention_heads=vit_heads,
         hidden_size=vit_heads * vit.head_dim,
         ffn_hidden_size=max(1, round(vit.ffn_hidden_size * vit_width)),
     )
-    heads = _whole(
-        lang.num_attention_heads * llm_width,
-        f"LLM heads {lang.num_attention_heads} x width {llm_width:g}",
-        f"use a width multiple of 1/{lang.num_attention_heads}",
-    )
+    heads = _scaled(lang.num_attention_heads, llm_width, "LLM heads", "width")
     head_dim = lang.kv_channels or lang.hidden_size // lang.num_attention_heads
     groups = lang.num_query_groups * llm_width
     if abs(groups - round(groups)) > 1e-9 or round(groups) < 1 or heads % round(groups):
         groups = lang.num_query_groups if heads % lang.num_query_groups == 0 else 1
     language = dataclasses.replace(
         lang,
-        num_layers=_whole(
-            lang.num_layers * llm_depth,
-            f"LLM layers {lang.num_layers} x depth {llm_depth:g}",
-            f"use a depth multiple of 1/{lang.num_layers}",
-        ),
+        num_layers=_scaled(lang.num_layers, llm_depth, "LLM layers", "depth"),
         num_attention_heads=heads,
         num_query_groups=round(groups),
         hidden_size=heads * head_dim,

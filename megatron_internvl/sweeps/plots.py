@@ -139,20 +139,17 @@ def isoflop_curves(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) 
         right.plot(c, [e["D_opt"] for e in ok], "^", color="tab:orange", label="D_opt (tokens)")
         if iso.get("status") == "ok":
             grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
-            right.plot(
-                grid,
-                iso["k_N"]["value"] * grid ** iso["a_N_opt"]["value"],
-                "--",
-                color="tab:blue",
-                label=f"N_opt ∝ C^{_estimate(iso['a_N_opt'])}",
-            )
-            right.plot(
-                grid,
-                iso["k_D"]["value"] * grid ** iso["b_D_opt"]["value"],
-                "--",
-                color="tab:orange",
-                label=f"D_opt ∝ C^{_estimate(iso['b_D_opt'])}",
-            )
+            for name, k, exponent, color in (
+                ("N_opt", "k_N", "a_N_opt", "tab:blue"),
+                ("D_opt", "k_D", "b_D_opt", "tab:orange"),
+            ):
+                right.plot(
+                    grid,
+                    iso[k]["value"] * grid ** iso[exponent]["value"],
+                    "--",
+                    color=color,
+                    label=f"{name} ∝ C^{_estimate(iso[exponent])}",
+                )
     else:
         right.text(
             0.5,
