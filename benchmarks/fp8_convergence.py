@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smooth", type=int, default=20, help="moving-average window, steps")
     parser.add_argument("--tolerance", type=float, default=0.02)
     parser.add_argument("--out", type=Path, default=Path("runs/fp8_convergence"))
+    parser.add_argument("--json", type=Path, help="also write the comparison here")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{r['max_rel_gap']:>10.2%}{r['mean_rel_gap']:>10.2%}  "
             f"{'ok' if r['passed'] else 'OUT OF TOLERANCE'}"
         )
+    if args.json:
+        summary = {"steps": steps, "smooth": args.smooth, "reference": variants[0], "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
     if argv is None and not all(r["passed"] for r in rows):
         raise SystemExit(1)
     return rows

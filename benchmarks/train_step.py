@@ -32,9 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--profile", action="store_true", help="top CUDA kernels of one step (first precision)"
     )
+    parser.add_argument("--json", type=Path, help="also write the results here (gpu_report.py)")
     args = parser.parse_args(argv)
 
     precisions = args.precision.split(",")
@@ -365,7 +368,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             results.extend(done.values())
 
     print_table(args, work, results, peak_text)
+    if args.json:
+        write_json(args.json, work, results, peak)
     return results
+
+
+def write_json(
+    path: Path, work: Workload, results: list[dict[str, Any]], peak: float | None
+) -> None:
+    """The table as data, with what produced it: `benchmarks/gpu_report.py` reads it."""
+    cuda = torch.cuda.is_available()
+    record = {
+        "device": torch.cuda.get_device_name() if cuda else "CPU",
+        "torch": torch.__version__,
+        "peak_tflops": peak,
+        "flavour": work.spec.name,
+        "part": work.part,
+        "llm_layers": work.spec.language.num_layers,
+        "vit_layers": work.spec.vision.num_layers,
+        "tokens_per_step": work.tokens_per_step(),
+        "tflop_per_step": work.flops_per_step() / 1e12,
+        "results": results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def profile_step(make: Callable[[], tuple[Callable[[], None], int]]) -> None:
