@@ -1,0 +1,1 @@
+"""Layout planner: per-GPU memory and step-time model of InternVL layouts, and the search."""
