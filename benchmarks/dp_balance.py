@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Data-parallel balance of a simulated InternVL 2.5 data mix: today's dealing vs tile-aware.
+
+Before (today): every DP rank packs its own stream of samples in order, closing a row when the
+next sample does not fit, until its rows for the step are full. After: the same samples (the
+union of what the ranks consumed) dealt by megatron_internvl/data/balance.py. A rank's cost is
+the FLOPs model's (training/flops.py); step time follows the slowest rank, so the implied
+step-time gain is max/mean before divided by max/mean after (throughput of the same work).
+
+Mix (shares of samples; text lengths lognormal; tokens = text + 256 per tile, capped at the row):
+  caption      35%  1 tile                      text median  60, sigma 0.6
+  document     20%  up to 12 tiles (+thumbnail) text median 350, sigma 0.8
+  multi-image  10%  2-6 images of 1-6 tiles     text median 200, sigma 0.7
+  video         5%  8-32 frames of 1 tile       text median 120, sigma 0.6
+  text-only    30%  no tile                     text median 600, sigma 1.0
+
+    python benchmarks/dp_balance.py                       # DP 8, 64, 512; 8B at 16384 tokens
+    python benchmarks/dp_balance.py --model internvl2_5_78b --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from megatron_internvl.data.balance import CostModel, SampleMeta, balance
+from megatron_internvl.models.registry import get_spec
+
+# (name, share, text median, text sigma)
+_KINDS = (
+    ("caption", 0.35, 60, 0.6),
+    ("document", 0.20, 350, 0.8),
+    ("multi_image", 0.10, 200, 0.7),
+    ("video", 0.05, 120, 0.6),
+    ("text", 0.30, 600, 1.0),
+)
+
+
+def _tiles(kind: str, rng: np.random.Generator, max_tiles: int) -> int:
+    if kind == "caption":
+        return 1
+    if kind == "document":
+        tiles = int(rng.integers(2, 13))
+        return tiles + 1  # InternVL adds a thumbnail tile to multi-tile images
+    if kind == "multi_image":
+        return min(max_tiles, int(rng.integers(1, 7, size=int(rng.integers(2, 7))).sum()))
+    if kind == "video":
+        return int(rng.integers(8, 33))
+    return 0
+
+
+class Stream:
+    """One DP rank's endless stream of simulated samples (deterministic in seed and rank)."""
+
+    def __init__(self, seed: int, rank: int, tokens_per_tile: int, row_tokens: int, row_tiles: int):
+        self.rng = np.random.default_rng([seed, rank])
+        self.tokens_per_tile, self.row_tokens, self.row_tiles = (
+            tokens_per_tile,
+            row_tokens,
+            row_tiles,
+        )
+        self.pending: SampleMeta | None = None
+        shares = np.array([k[1] for k in _KINDS])
+        self.shares = shares / shares.sum()
+
+    def next(self) -> SampleMeta:
+        if self.pending is not None:
+            sample, self.pending = self.pending, None
+            return sample
+        name, _, median, sigma = _KINDS[int(self.rng.choice(len(_KINDS), p=self.shares))]
+        tiles = _tiles(name, self.rng, self.row_tiles)
+        text = max(8, int(self.rng.lognormal(np.log(median), sigma)))
+        tokens = min(self.row_tokens, text + tiles * self.tokens_per_tile)
+        return SampleMeta(tiles=tiles, tokens=tokens)
+
+    def pack(self, rows: int) -> list[list[SampleMeta]]:
+        """Today's packing: fill `rows` rows in stream order; the sample that does not fit
+        opens the next row (and waits for the next step after the last)."""
+        packed: list[list[SampleMeta]] = [[]]
+        tokens = tiles = 0
+        while True:
+            sample = self.next()
+            if tokens + sample.tokens > self.row_tokens or tiles + sample.tiles > self.row_tiles:
+                if len(packed) == rows:
+                    self.pending = sample
+                    return packed
+                packed.append([])
+                tokens = tiles = 0
+            packed[-1].append(sample)
+            tokens += sample.tokens
+            tiles += sample.tiles
+
+
+def simulate(dp: int, args: argparse.Namespace, model: CostModel) -> dict[str, float]:
+    spec = get_spec(args.model)
+    rows = args.global_batch // dp
+    streams = [
+        Stream(args.seed, r, spec.tokens_per_tile, args.seq_length, args.max_tiles)
+        for r in range(dp)
+    ]
+    before, after, left, seconds, count = [], [], 0, 0.0, 0
+    for step in range(args.steps):
+        per_rank = [stream.pack(rows) for stream in streams]
+        costs = [sum(model.cost(s) for row in packed for s in row) for packed in per_rank]
+        before.append(max(costs) / np.mean(costs))
+        samples = [s for packed in per_rank for row in packed for s in row]
+        start = time.perf_counter()
+        deal = balance(samples, model, dp, rows, args.seq_length, args.max_tiles, step=step)
+        seconds += time.perf_counter() - start
+        after.append(max(deal.rank_cost) / np.mean(deal.rank_cost))
+        left += len(deal.left_over)
+        count += len(samples)
+    b, a = float(np.mean(before)), float(np.mean(after))
+    return {
+        "dp": dp,
+        "rows": rows,
+        "samples": count / args.steps,
+        "before": b,
+        "before_worst": max(before),
+        "after": a,
+        "after_worst": max(after),
+        "gain": b / a,
+        "left_over": left / args.steps,
+        "ms": 1000 * seconds / args.steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="internvl2_5_8b")
+    parser.add_argument("--dp", type=int, nargs="+", default=[8, 64, 512])
+    parser.add_argument("--global-batch", type=int, default=512, help="rows per step")
+    parser.add_argument("--seq-length", type=int, default=16384)
+    parser.add_argument("--max-tiles", type=int, default=48, help="tiles per row")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model = CostModel.from_spec(get_spec(args.model))
+    print(
+        f"{args.model}: {args.global_batch} rows x {args.seq_length} tokens per step, <= "
+        f"{args.max_tiles} tiles per row, {args.steps} steps; cost per tile "
+        f"{model.per_tile / 1e12:.2f} TFLOP, per token {model.per_token / 1e9:.1f} GFLOP, "
+        f"per token^2 {model.per_token_squared / 1e6:.2f} MFLOP"
+    )
+    print(
+        f"{'DP':>5} {'rows/rank':>9} {'samples/step':>12} {'before max/mean':>16} "
+        f"{'after max/mean':>15} {'step-time gain':>14} {'left over':>9} {'deal ms':>8}"
+    )
+    for dp in args.dp:
+        if args.global_batch % dp:
+            print(f"{dp:>5} skipped: {args.global_batch} rows do not split over DP={dp}")
+            continue
+        r = simulate(dp, args, model)
+        print(
+            f"{dp:>5} {r['rows']:>9} {r['samples']:>12.0f} "
+            f"{r['before']:>8.3f} (<={r['before_worst']:.3f}) "
+            f"{r['after']:>7.3f} (<={r['after_worst']:.3f}) {r['gain']:>13.3f}x "
+            f"{r['left_over']:>9.1f} {r['ms']:>8.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

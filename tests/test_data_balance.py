@@ -1,0 +1,106 @@
+"""Tile-aware data-parallel balancing: properties over random steps, the FLOPs coefficients,
+and the benchmark's entry point."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from megatron_internvl.data.balance import CostModel, SampleMeta, balance
+from megatron_internvl.models.registry import get_spec
+from megatron_internvl.training.flops import training_flops
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_ARGS = ["--dp", "8", "64", "--global-batch", "64", "--steps", "1"]
+MODEL = CostModel.from_spec(get_spec("internvl2_5_8b"))
+
+
+def random_step(seed: int, count: int, max_tokens: int, max_tiles: int) -> list[SampleMeta]:
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(count):
+        tiles = rng.choice([0, 0, 1, 1, 1, rng.randint(2, min(13, max_tiles)), rng.randint(8, 32)])
+        tiles = min(tiles, max_tiles)
+        text = int(rng.lognormvariate(5.5, 1.0)) + 1
+        samples.append(SampleMeta(tiles=tiles, tokens=min(max_tokens, text + 256 * tiles)))
+    return samples
+
+
+@pytest.mark.parametrize("stage", ["1", "1.5", "2"])
+@pytest.mark.parametrize("flavour", ["internvl2_5_8b", "internvl2_5_78b"])
+def test_cost_is_the_flops_formula(flavour, stage):
+    spec = get_spec(flavour)
+    model = CostModel.from_spec(spec, stage)
+    for tiles, tokens in [(0, 1), (1, 300), (13, 3600), (32, 9000), (0, 16384)]:
+        expected = training_flops(spec, [tokens], tiles, stage)
+        assert model.cost(SampleMeta(tiles, tokens)) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_sample_dealt_once_within_capacity_and_deterministic(seed):
+    ranks, rows, row_tokens, row_tiles = [(4, 2, 8192, 24), (16, 1, 16384, 48)][seed % 2]
+    samples = random_step(seed, 40 * ranks * rows, row_tokens, row_tiles)
+    deal = balance(samples, MODEL, ranks, rows, row_tokens, row_tiles, step=seed)
+    dealt = [i for rank in deal.rows for row in rank for i in row] + deal.left_over
+    assert Counter(dealt) == Counter(range(len(samples)))  # the same multiset: same loss
+    for rank, cost in zip(deal.rows, deal.rank_cost, strict=True):
+        assert len(rank) == rows
+        for row in rank:
+            assert sum(samples[i].tokens for i in row) <= row_tokens
+            assert sum(samples[i].tiles for i in row) <= row_tiles
+        assert cost == pytest.approx(sum(MODEL.cost(samples[i]) for row in rank for i in row))
+    # A pure function of (step, metadata, sizes): every rank computes the same deal.
+    again = balance(list(samples), MODEL, ranks, rows, row_tokens, row_tiles, step=seed)
+    assert again == deal
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_bound_when_capacity_is_loose(seed):
+    # Each sample goes to the least-loaded rank: max <= mean + the costliest sample.
+    ranks = 8
+    samples = random_step(100 + seed, 300, 16384, 48)
+    deal = balance(samples, MODEL, ranks, 4, 10**9, 10**6, step=seed)
+    assert not deal.left_over
+    costs = [MODEL.cost(s) for s in samples]
+    assert max(deal.rank_cost) <= sum(costs) / ranks + max(costs) + 1e-6 * max(costs)
+
+
+def test_step_rotates_ranks_not_balance():
+    samples = random_step(7, 200, 16384, 48)
+    deals = [balance(samples, MODEL, 8, 2, 16384, 48, step=step) for step in range(3)]
+    largest = max(range(len(samples)), key=lambda i: MODEL.cost(samples[i]))
+    holders = {
+        next(r for r, rank in enumerate(d.rows) if any(largest in row for row in rank))
+        for d in deals
+    }
+    assert len(holders) == 3  # the costliest sample lands on a different rank each step
+    assert len({round(max(d.rank_cost)) for d in deals}) == 1
+
+
+def test_sample_that_fits_no_row_is_left_over():
+    samples = [SampleMeta(tiles=1, tokens=300), SampleMeta(tiles=60, tokens=500)]
+    deal = balance(samples, MODEL, 2, 1, 16384, 48)
+    assert deal.left_over == [1]
+
+
+def test_benchmark_meets_target():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "dp_balance.py"), *BENCH_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [
+        line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["8"], ["64"])
+    ]
+    assert len(lines) == 2, out.stdout
+    for cols in lines:
+        before, after = float(cols[3]), float(cols[5])
+        assert after <= min(before, 1.05), out.stdout
