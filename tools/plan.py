@@ -26,8 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--recipe", help="recipe giving the workload and shipped layout (default <model>_stage2)")
     add("--seq-length", type=int, help="tokens per packed row (default: the recipe's)")
     add("--global-batch", type=int, help="rows per step (default: the recipe's)")
-    add("--mean-tiles", type=float, default=12.0, help="tiles of an average row (step time)")
-    add("--mean-sample-length", type=int, default=1024, help="tokens of an average sample")
+    # Defaults: benchmarks/dp_balance.py's simulated InternVL 2.5 mix packs ~38 tiles and ~8
+    # samples of ~1600 tokens into a 16384-token row.
+    add("--mean-tiles", type=float, default=36.0, help="tiles of an average row (step time)")
+    add("--mean-sample-length", type=int, default=1600, help="tokens of an average sample")
     add("--achievable-tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU")
     add("--nvlink-gb-s", type=float, default=300.0, help="collective bandwidth in a node")
     add("--network-gb-s", type=float, default=40.0, help="bandwidth per GPU between nodes")

@@ -8,14 +8,15 @@ work. Here a sample's cost is
 
     tiles x (ViT + projector per tile) + tokens x (LLM per token) + tokens^2 x (attention)
 
-with the coefficients of training/flops.py (the MFU formula), and the step's samples are dealt
-costliest first, each to the least-loaded rank that has a row with room for it (row capacity:
-tokens and tiles), within the rank to its least-loaded row (so pipeline micro-batches are
-balanced too). Ties go by sample index and a rank order rotated by the step index, so the
-deal is a pure function of (step, metadata, sizes): every rank computes the same assignment
-without communication, and a resumed run recomputes it exactly. Only metadata known before
-decoding is used (tile count from the image sizes, a token estimate), so the loader can decide
-before it decodes. Samples that fit nowhere are returned as left over, for the next step.
+with the coefficients of training/flops.py (the MFU formula; made by training/sample_cost.py).
+The step's samples are dealt costliest first, each to the least-loaded rank that has a row with
+room for it (row capacity: tokens and tiles), within the rank to its least-loaded row (so
+pipeline micro-batches are balanced too). Ties go by sample index and a rank order rotated by
+the step index, so the deal is a pure function of (step, metadata, sizes): every rank computes
+the same assignment without communication, and a resumed run recomputes it exactly. Only
+metadata known before decoding is used (tile count from the image sizes, a token estimate), so
+the loader can decide before it decodes. Samples that fit nowhere are returned as left over,
+for the next step.
 """
 
 from __future__ import annotations
@@ -23,14 +24,6 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from megatron_internvl.models.registry import InternVLSpec
-from megatron_internvl.training.flops import (
-    _STAGE_FACTORS,
-    llm_forward_flops,
-    projector_forward_flops,
-    vit_forward_flops,
-)
 
 
 @dataclass(frozen=True)
@@ -45,25 +38,12 @@ class SampleMeta:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Training FLOPs of a sample: per tile, per token, per token^2 (one sample's attention)."""
+    """Training FLOPs of a sample: per tile, per token, per token^2 (one sample's attention).
+    training/sample_cost.py derives them from the FLOPs model (`sample_cost_model`)."""
 
     per_tile: float
     per_token: float
     per_token_squared: float
-
-    @classmethod
-    def from_spec(cls, spec: InternVLSpec, stage: str = "2") -> CostModel:
-        """Coefficients of training/flops.py's formula (which is linear in tiles and, per
-        sample, quadratic in length), for the stage's trained/frozen parts."""
-        vit, projector, llm = _STAGE_FACTORS[stage]
-        one, two = llm_forward_flops(spec, [1]), llm_forward_flops(spec, [2])
-        squared = (two - 2 * one) / 2
-        return cls(
-            per_tile=vit * vit_forward_flops(spec, 1)
-            + projector * projector_forward_flops(spec, 1),
-            per_token=llm * (one - squared),
-            per_token_squared=llm * squared,
-        )
 
     def cost(self, sample: SampleMeta) -> float:
         return (

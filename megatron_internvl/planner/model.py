@@ -32,8 +32,10 @@ from megatron_internvl.models.registry import InternVLSpec
 from megatron_internvl.models.vision import padded_heads
 from megatron_internvl.planner.params import Param, RankShare, rank_share, stage_layers
 from megatron_internvl.training.flops import (
+    _STAGE_FACTORS,
     llm_forward_flops,
     projector_forward_flops,
+    training_flops,
     vit_forward_flops,
 )
 
@@ -200,66 +202,94 @@ def predict(
     return Prediction(memory, parts, step_s, time_parts, flops / step_s / work.gpus / 1e12)
 
 
-def _step_time(spec, table, layout, work, hw, layers, dp):
-    tp, cp, pp, vt = layout.tensor, layout.context, layout.pipeline, layout.vision_tensor
-    lang, vit = spec.language, spec.vision
-    factors = {"1": (1, 3, 2), "1.5": (3, 3, 2), "2": (3, 3, 3)}[work.training_stage]
-    rows = layout.micro_batch
-    lengths = [work.mean_sample_length] * max(1, work.seq_length // work.mean_sample_length)
-    output = 2 * work.seq_length * lang.hidden_size * lang.vocab_size
-    per_layer = (llm_forward_flops(spec, lengths) - output) / lang.num_layers * rows
-    llm_mult = factors[2] + (1 if layout.recompute != "none" else 0)
-    vit_mult = factors[0] + (1 if layout.recompute == "full+vit" else 0)
-    tiles = work.mean_tiles_per_row * rows
-    vit_flops = vit_forward_flops(spec, 1) * tiles
-    # Padded heads: the attention part of every ViT layer grows with the padded width.
+def _vision_flops(spec: InternVLSpec, layout: Layout, work: Workload) -> float:
+    """Hardware FLOPs of the ViT + projector per micro-batch, all ranks together (padded
+    heads included: the attention part of every ViT layer grows with the padded width)."""
+    vit = spec.vision
+    vit_factor, projector_factor, _ = _STAGE_FACTORS[work.training_stage]
+    vit_factor += 1 if layout.recompute == "full+vit" else 0
+    tiles = work.mean_tiles_per_row * layout.micro_batch
     tokens = vit.num_patches + 1
     per_head = 2 * tokens * 4 * vit.hidden_size * vit.head_dim + 4 * tokens**2 * vit.head_dim
-    padding = padded_heads(vit.num_attention_heads, vt) - vit.num_attention_heads
-    vit_flops += tiles * vit.num_layers * per_head * padding
-    vision_compute = (vit_flops * vit_mult + factors[1] * projector_forward_flops(spec, tiles)) / tp
-    rate = hw.achievable_tflops * 1e12
-    act = work.seq_length * rows / cp * lang.hidden_size * 2  # one activation, bytes
-    tp_bw = hw.nvlink_gb_s * 1e9
-    tp_frac = (tp - 1) / tp
-    collectives = 4 * (2 + (1 if layout.recompute != "none" else 0))
-    llm_tp_layer = collectives * act * tp_frac / tp_bw if tp > 1 else 0.0
-    vit_act = tiles * tokens * vit.hidden_size * 2 * vt / tp
-    vit_tp = vit.num_layers * 8 * vit_act * (vt - 1) / vt / tp_bw if vt > 1 else 0.0
-    gather = tiles * spec.tokens_per_tile * lang.hidden_size * 2 * (tp // vt - 1) / tp / tp_bw
+    padding = padded_heads(vit.num_attention_heads, layout.vision_tensor) - vit.num_attention_heads
+    forward = vit_forward_flops(spec, 1) * tiles + tiles * vit.num_layers * per_head * padding
+    return vit_factor * forward + projector_factor * projector_forward_flops(spec, tiles)
+
+
+def _stage_seconds(
+    spec: InternVLSpec, layout: Layout, work: Workload, hw: Hardware, layers: list[int]
+) -> list[dict[str, float]]:
+    """Per pipeline stage, one micro-batch's compute, TP, CP and PP communication seconds."""
+    tp, cp, pp, vt = layout.tensor, layout.context, layout.pipeline, layout.vision_tensor
+    lang, vit = spec.language, spec.vision
+    rows, rate = layout.micro_batch, hw.achievable_tflops * 1e12
+    llm_factor = _STAGE_FACTORS[work.training_stage][2]
+    recompute = 1 if layout.recompute != "none" else 0
+    lengths = [work.mean_sample_length] * max(1, work.seq_length // work.mean_sample_length)
+    output = 2 * work.seq_length * lang.hidden_size * lang.vocab_size * rows
+    layer_flops = (llm_forward_flops(spec, lengths) * rows - output) / lang.num_layers
+    layer_flops *= (llm_factor + recompute) / (tp * cp)
+
+    def bandwidth(group: int) -> float:
+        return (hw.nvlink_gb_s if group <= hw.gpus_per_node else hw.network_gb_s) * 1e9
+
+    # With SP: 2 all-gathers + 2 reduce-scatters of one activation per layer and pass.
+    act = work.seq_length * rows / cp * lang.hidden_size * 2
+    layer_tp = 4 * (2 + recompute) * act * (tp - 1) / tp / bandwidth(tp)
+    tiles = work.mean_tiles_per_row * rows
+    vit_act = tiles * (vit.num_patches + 1) * vit.hidden_size * 2 * vt / tp  # a group's share
+    vision_tp = vit.num_layers * 8 * vit_act * (vt - 1) / vt / bandwidth(vt)
+    groups = tp // vt  # vision-TP groups gather their image tokens (and scatter the grads)
+    embeds = tiles * spec.tokens_per_tile * lang.hidden_size * 2
+    vision_tp += 2 * embeds * (groups - 1) / groups / bandwidth(tp)
     head = lang.kv_channels or lang.hidden_size // lang.num_attention_heads
     kv = work.seq_length * rows / cp * 2 * lang.num_query_groups * head / tp * 2
-    cp_bw = (hw.nvlink_gb_s if tp * cp <= hw.gpus_per_node else hw.network_gb_s) * 1e9
-    cp_layer = 3 * kv * (cp - 1) / cp_bw if cp > 1 else 0.0
-    pp_bw = (hw.nvlink_gb_s if tp * cp * pp <= hw.gpus_per_node else hw.network_gb_s) * 1e9
-    pp_send = 2 * act / tp / pp_bw if pp > 1 else 0.0
-    stage_times, stage_parts = [], []
+    layer_cp = 3 * kv * (cp - 1) / bandwidth(tp * cp)  # KV ring: forward, backward (2x)
+    pp_send = 2 * act / tp / bandwidth(tp * cp * pp) if pp > 1 else 0.0
+    stages = []
     for stage, count in enumerate(layers):
-        compute = count * per_layer * llm_mult / (tp * cp) / rate
-        comm_tp = count * llm_tp_layer
+        compute, comm_tp = count * layer_flops / rate, count * layer_tp
         if stage == 0:
-            compute += vision_compute / rate
-            comm_tp += vit_tp + gather
+            compute += _vision_flops(spec, layout, work) / tp / rate
+            comm_tp += vision_tp
         if stage == pp - 1:
-            compute += factors[2] * output * rows / (tp * cp) / rate
-        parts = (compute, comm_tp, count * cp_layer, pp_send)
-        stage_times.append(sum(parts))
-        stage_parts.append(parts)
-    micro = work.global_batch // (dp * rows)
-    slowest = max(range(pp), key=stage_times.__getitem__)
-    biggest = max(
-        _share(table, layout, s, dp * cp, work.training_stage).grad_buffer for s in range(pp)
-    )
-    dp_bw = hw.nvlink_gb_s if layout.model_parallel * dp <= hw.gpus_per_node else hw.network_gb_s
-    dp_comm = biggest * (4 + 2) * (dp * cp - 1) / (dp * cp) / (dp_bw * 1e9)
-    names = ("compute", "tp_comm", "cp_comm", "pp_comm")
-    time_parts = {n: micro * v for n, v in zip(names, stage_parts[slowest], strict=True)}
-    time_parts["bubble"] = (pp - 1) * stage_times[slowest]
-    time_parts["dp_comm"] = dp_comm
-    step = (micro + pp - 1) * stage_times[slowest] + dp_comm
-    from megatron_internvl.training.flops import training_flops
+            compute += llm_factor * output / (tp * cp) / rate
+        stages.append(
+            {
+                "compute": compute,
+                "tp_comm": comm_tp,
+                "cp_comm": count * layer_cp,
+                "pp_comm": pp_send,
+            }
+        )
+    return stages
 
-    model_flops = work.global_batch * training_flops(
-        spec, lengths, math.floor(work.mean_tiles_per_row), work.training_stage
+
+def _step_time(
+    spec: InternVLSpec,
+    table: tuple[Param, ...],
+    layout: Layout,
+    work: Workload,
+    hw: Hardware,
+    layers: list[int],
+    dp: int,
+) -> tuple[float, dict[str, float], float]:
+    """(step seconds, its parts, the step's model FLOPs)."""
+    pp, dp_cp = layout.pipeline, dp * layout.context
+    stages = _stage_seconds(spec, layout, work, hw, layers)
+    slowest = max(stages, key=lambda parts: sum(parts.values()))
+    micro = work.global_batch // (dp * layout.micro_batch)
+    largest = max(
+        _share(table, layout, s, dp_cp, work.training_stage).grad_buffer for s in range(pp)
     )
-    return step, time_parts, model_flops
+    in_node = layout.model_parallel * dp <= hw.gpus_per_node
+    dp_bw = (hw.nvlink_gb_s if in_node else hw.network_gb_s) * 1e9
+    # Distributed optimizer: reduce-scatter fp32 grads, all-gather bf16 params.
+    dp_comm = largest * (4 + 2) * (dp_cp - 1) / dp_cp / dp_bw
+    parts = {name: micro * seconds for name, seconds in slowest.items()}
+    parts["bubble"] = (pp - 1) * sum(slowest.values())
+    parts["dp_comm"] = dp_comm
+    lengths = [work.mean_sample_length] * max(1, work.seq_length // work.mean_sample_length)
+    tiles = math.floor(work.mean_tiles_per_row)
+    model_flops = work.global_batch * training_flops(spec, lengths, tiles, work.training_stage)
+    return sum(parts.values()), parts, model_flops
