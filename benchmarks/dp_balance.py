@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Data-parallel balance of a simulated InternVL 2.5 data mix: today's dealing vs tile-aware.
 
-Before (today): every DP rank packs its own stream of samples in order, closing a row when the
-next sample does not fit, until its rows for the step are full. After: the same samples (the
-union of what the ranks consumed) dealt by megatron_internvl/data/balance.py. A rank's cost is
-the FLOPs model's (training/flops.py); step time follows the slowest rank, so the implied
-step-time gain is max/mean before divided by max/mean after (throughput of the same work).
-Columns give the mean over steps and (<=) the worst step; the lower bound is what no deal can
-beat: the costliest single sample over the mean rank cost (a 16k-token text sample in a step
-of one row per rank).
+Before (today): every DP rank packs its own stream of samples with the loader's best-fit packer
+(data/packing.py: 16 open rows, tokens and tiles capped) until its rows for the step are full.
+After: the same samples (the union of what the ranks consumed) dealt by data/balance.py.
+A rank's cost is the FLOPs model's (training/flops.py). A row is computed at its full width
+today (the packer pads it), so a rank costs rows x seq_length x per-token + its tiles + its
+samples' len^2 + the padding's len^2 (--unpadded: its samples only). Step time follows the
+slowest rank, so the implied step-time gain is max/mean before over max/mean after (the same
+work). Left over: samples the deal could not place (carried into the next step). Columns give
+the mean over steps and (<=) the worst step; the lower bound is what no deal can beat: the
+rank holding the costliest single sample (a sample is never split; a 16k-token text sample in
+a step of one row per rank).
 
 Mix (shares of samples; text lengths lognormal; tokens = text + 256 per tile, capped at the row):
   caption      35%  1 tile                      text median  60, sigma 0.6
@@ -29,7 +32,8 @@ import time
 
 import numpy as np
 
-from megatron_internvl.data.balance import CostModel, SampleMeta, balance
+from megatron_internvl.data.balance import CostModel, SampleMeta, balance, row_cost
+from megatron_internvl.data.packing import PackingConfig, Sample, SequencePacker
 from megatron_internvl.models.registry import get_spec
 from megatron_internvl.training.sample_cost import sample_cost_model
 
@@ -66,14 +70,14 @@ class Stream:
             row_tokens,
             row_tiles,
         )
-        self.pending: SampleMeta | None = None
+        self.packer = SequencePacker(
+            PackingConfig(seq_length=row_tokens, max_tiles_per_row=row_tiles)
+        )
+        self.count = 0
         shares = np.array([k[1] for k in _KINDS])
         self.shares = shares / shares.sum()
 
     def next(self) -> SampleMeta:
-        if self.pending is not None:
-            sample, self.pending = self.pending, None
-            return sample
         name, _, median, sigma = _KINDS[int(self.rng.choice(len(_KINDS), p=self.shares))]
         tiles = _tiles(name, self.rng, self.row_tiles)
         text = max(8, int(self.rng.lognormal(np.log(median), sigma)))
@@ -81,21 +85,30 @@ class Stream:
         return SampleMeta(tiles=tiles, tokens=tokens)
 
     def pack(self, rows: int) -> list[list[SampleMeta]]:
-        """Today's packing: fill `rows` rows in stream order; the sample that does not fit
-        opens the next row (and waits for the next step after the last)."""
-        packed: list[list[SampleMeta]] = [[]]
-        tokens = tiles = 0
-        while True:
-            sample = self.next()
-            if tokens + sample.tokens > self.row_tokens or tiles + sample.tiles > self.row_tiles:
-                if len(packed) == rows:
-                    self.pending = sample
-                    return packed
-                packed.append([])
-                tokens = tiles = 0
-            packed[-1].append(sample)
-            tokens += sample.tokens
-            tiles += sample.tiles
+        """Today's packing: the loader's best-fit packer (data/packing.py) fed from this rank's
+        stream until it has emitted `rows` rows; its open rows carry over to the next step."""
+        packed: list[list[SampleMeta]] = []
+        while len(packed) < rows:
+            meta = self.next()
+            # Token ids do not matter; a distinct first id keeps the packer's row comparisons
+            # short (its open rows are dataclasses compared by value).
+            self.count += 1
+            ids = [self.count] + [0] * (meta.tokens - 1)
+            sample = Sample(input_ids=ids, labels=ids, num_tiles=meta.tiles, payload=meta)
+            packed.extend(row.payloads for row in self.packer.add(sample))
+        return packed  # add() closes at most one row per sample
+
+
+def lower_bound(
+    samples: list[SampleMeta], model: CostModel, rows: int, args: argparse.Namespace
+) -> float:
+    """The least cost of the rank that holds the costliest sample: the sample, the rest of its
+    row filled with cost-free tokens (padded rows) and its other rows at their minimum."""
+    if args.unpadded:
+        return max(model.cost(s) for s in samples)
+    full_row = args.seq_length * model.per_token
+    excess = max(s.tiles * model.per_tile + s.tokens**2 * model.per_token_squared for s in samples)
+    return rows * full_row + excess
 
 
 def simulate(dp: int, args: argparse.Namespace, model: CostModel) -> dict[str, float]:
@@ -108,16 +121,21 @@ def simulate(dp: int, args: argparse.Namespace, model: CostModel) -> dict[str, f
     before, after, bound, left, seconds, count = [], [], [], 0, 0.0, 0
     for step in range(args.steps):
         per_rank = [stream.pack(rows) for stream in streams]
-        costs = [sum(model.cost(s) for row in packed for s in row) for packed in per_rank]
+        costs = [
+            sum(row_cost(model, row, args.seq_length, not args.unpadded) for row in packed)
+            for packed in per_rank
+        ]
         before.append(max(costs) / np.mean(costs))
         samples = [s for packed in per_rank for row in packed for s in row]
         start = time.perf_counter()
-        deal = balance(samples, model, dp, rows, args.seq_length, args.max_tiles, step=step)
+        deal = balance(
+            samples, model, dp, rows, args.seq_length, args.max_tiles, step, not args.unpadded
+        )
         seconds += time.perf_counter() - start
         mean = np.mean(deal.rank_cost)
         after.append(max(deal.rank_cost) / mean)
         # No deal beats the costliest single sample (a sample is never split).
-        bound.append(max(1.0, max(model.cost(s) for s in samples) / mean))
+        bound.append(max(1.0, lower_bound(samples, model, rows, args) / mean))
         left += len(deal.left_over)
         count += len(samples)
     b, a = float(np.mean(before)), float(np.mean(after))
@@ -146,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tiles", type=int, default=48, help="tiles per row")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--unpadded",
+        action="store_true",
+        help="rows cost only their samples (variable-length rows); default: padded to the full "
+        "width as the loader does today, the padding computed as one more segment",
+    )
     args = parser.parse_args(argv)
     model = sample_cost_model(get_spec(args.model))
     print(

@@ -42,11 +42,20 @@ def test_cost_is_the_flops_formula(flavour, stage):
         assert model.cost(SampleMeta(tiles, tokens)) == pytest.approx(expected, rel=1e-9)
 
 
+def padded_row_cost(row: list[SampleMeta], row_tokens: int) -> float:
+    """A row computed at full width: its samples, and the padding as one more segment."""
+    pad = row_tokens - sum(s.tokens for s in row)
+    padding = SampleMeta(tiles=0, tokens=pad)
+    return sum(MODEL.cost(s) for s in row) + (MODEL.cost(padding) if pad else 0.0)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_every_sample_dealt_once_within_capacity_and_deterministic(seed):
     ranks, rows, row_tokens, row_tiles = [(4, 2, 8192, 24), (16, 1, 16384, 48)][seed % 2]
-    samples = random_step(seed, 40 * ranks * rows, row_tokens, row_tiles)
-    deal = balance(samples, MODEL, ranks, rows, row_tokens, row_tiles, step=seed)
+    padded = seed < 4
+    # About as many tokens as the rows hold: some samples must be left over.
+    samples = random_step(seed, 12 * ranks * rows, row_tokens, row_tiles)
+    deal = balance(samples, MODEL, ranks, rows, row_tokens, row_tiles, seed, padded)
     dealt = [i for rank in deal.rows for row in rank for i in row] + deal.left_over
     assert Counter(dealt) == Counter(range(len(samples)))  # the same multiset: same loss
     for rank, cost in zip(deal.rows, deal.rank_cost, strict=True):
@@ -54,9 +63,13 @@ def test_every_sample_dealt_once_within_capacity_and_deterministic(seed):
         for row in rank:
             assert sum(samples[i].tokens for i in row) <= row_tokens
             assert sum(samples[i].tiles for i in row) <= row_tiles
-        assert cost == pytest.approx(sum(MODEL.cost(samples[i]) for row in rank for i in row))
+        if padded:
+            expected = sum(padded_row_cost([samples[i] for i in row], row_tokens) for row in rank)
+        else:
+            expected = sum(MODEL.cost(samples[i]) for row in rank for i in row)
+        assert cost == pytest.approx(expected)
     # A pure function of (step, metadata, sizes): every rank computes the same deal.
-    again = balance(list(samples), MODEL, ranks, rows, row_tokens, row_tiles, step=seed)
+    again = balance(list(samples), MODEL, ranks, rows, row_tokens, row_tiles, seed, padded)
     assert again == deal
 
 
@@ -65,7 +78,7 @@ def test_greedy_bound_when_capacity_is_loose(seed):
     # Each sample goes to the least-loaded rank: max <= mean + the costliest sample.
     ranks = 8
     samples = random_step(100 + seed, 300, 16384, 48)
-    deal = balance(samples, MODEL, ranks, 4, 10**9, 10**6, step=seed)
+    deal = balance(samples, MODEL, ranks, 4, 10**9, 10**6, step=seed, padded_rows=False)
     assert not deal.left_over
     costs = [MODEL.cost(s) for s in samples]
     assert max(deal.rank_cost) <= sum(costs) / ranks + max(costs) + 1e-6 * max(costs)

@@ -63,6 +63,28 @@ class Assignment:
     rank_cost: list[float]
 
 
+class _Rows:
+    """The rows of every rank being filled: room left, the balanced load of each rank."""
+
+    def __init__(self, ranks: int, rows_per_rank: int, row_tokens: int, row_tiles: int) -> None:
+        self.samples = [[[] for _ in range(rows_per_rank)] for _ in range(ranks)]
+        self.room = [[[row_tokens, row_tiles] for _ in range(rows_per_rank)] for _ in range(ranks)]
+        self.row_load = [[0.0] * rows_per_rank for _ in range(ranks)]
+
+    def fitting(self, rank: int, sample: SampleMeta) -> list[int]:
+        return [
+            j
+            for j, (tokens, tiles) in enumerate(self.room[rank])
+            if tokens >= sample.tokens and tiles >= sample.tiles
+        ]
+
+    def put(self, rank: int, row: int, index: int, sample: SampleMeta, load: float) -> None:
+        self.samples[rank][row].append(index)
+        self.room[rank][row][0] -= sample.tokens
+        self.room[rank][row][1] -= sample.tiles
+        self.row_load[rank][row] += load
+
+
 def balance(
     samples: Sequence[SampleMeta],
     model: CostModel,
@@ -71,44 +93,85 @@ def balance(
     row_tokens: int,
     row_tiles: int,
     step: int = 0,
+    padded_rows: bool = True,
 ) -> Assignment:
     """Deal `samples` to `ranks` x `rows_per_rank` rows of at most `row_tokens` tokens and
-    `row_tiles` tiles, minimising the largest rank cost (greedy, costliest first)."""
+    `row_tiles` tiles, minimising the largest rank cost.
+
+    `padded_rows` (the loader today): every row is computed at its full `row_tokens` width, so
+    the LLM's per-token cost is the same on every row and the balance is over what differs,
+    tiles and per-sample len^2 (the padding is one more segment); otherwise over whole costs.
+    Phase 1 deals the samples that matter for the balance, heaviest first, each to the
+    least-loaded rank with room (its least-loaded row); phase 2 deals the light rest, longest
+    first, to the least-loaded rank with room too, but into its row with the least room that
+    fits (best fit), so the gaps phase 1 left get filled and nothing is left over needlessly.
+    """
     if ranks < 1 or rows_per_rank < 1:
         raise ValueError(f"balance: ranks={ranks} and rows_per_rank={rows_per_rank} must be >= 1")
-    costs = [model.cost(s) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: (-costs[i], i))
-    rows = [[[] for _ in range(rows_per_rank)] for _ in range(ranks)]
-    room = [[[row_tokens, row_tiles] for _ in range(rows_per_rank)] for _ in range(ranks)]
-    row_cost = [[0.0] * rows_per_rank for _ in range(ranks)]
-    rank_cost = [0.0] * ranks
-    # (cost, rotated position, rank): the step rotates who receives the first, largest sample.
-    heap = [(0.0, (r - step) % ranks, r) for r in range(ranks)]
+    weight = [_balance_weight(model, s, padded_rows) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: (-weight[i], -samples[i].tokens, i))
+    # Light: text-only and too cheap to move the balance (< 1% of a full row's LLM cost).
+    light_below = 0.01 * row_tokens * model.per_token
+    heavy = [i for i in order if samples[i].tiles or weight[i] >= light_below]
+    light = sorted(set(order) - set(heavy), key=lambda i: (-samples[i].tokens, i))
+    rows = _Rows(ranks, rows_per_rank, row_tokens, row_tiles)
+    left_over = _deal(samples, weight, heavy, rows, step)
+    left_over += _deal(samples, weight, light, rows, step, best_fit=True)
+    cost = [
+        sum(row_cost(model, [samples[i] for i in row], row_tokens, padded_rows) for row in rank)
+        for rank in rows.samples
+    ]
+    return Assignment(rows.samples, sorted(left_over), cost)
+
+
+def _deal(
+    samples: Sequence[SampleMeta],
+    weight: list[float],
+    order: list[int],
+    rows: _Rows,
+    step: int,
+    best_fit: bool = False,
+) -> list[int]:
+    """Each of `order` to the least-loaded rank that has room, into its least-loaded row (or
+    `best_fit`: the row with the least room); returns the samples that fit nowhere."""
+    ranks = len(rows.samples)
+    # (load, rotated position, rank): the step rotates who receives the first, largest sample.
+    heap = [(sum(rows.row_load[r]), (r - step) % ranks, r) for r in range(ranks)]
     heapq.heapify(heap)
     left_over = []
     for i in order:
-        need = samples[i]
         popped, placed = [], False
         while heap and not placed:
-            entry = heapq.heappop(heap)
-            rank = entry[2]
-            fits = [
-                j
-                for j in range(rows_per_rank)
-                if room[rank][j][0] >= need.tokens and room[rank][j][1] >= need.tiles
-            ]
+            load, position, rank = heapq.heappop(heap)
+            fits = rows.fitting(rank, samples[i])
             if fits:
-                j = min(fits, key=lambda k: (row_cost[rank][k], k))
-                rows[rank][j].append(i)
-                room[rank][j][0] -= need.tokens
-                room[rank][j][1] -= need.tiles
-                row_cost[rank][j] += costs[i]
-                rank_cost[rank] += costs[i]
-                entry = (rank_cost[rank], entry[1], rank)
-                placed = True
-            popped.append(entry)
+                if best_fit:
+                    j = min(fits, key=lambda k: (rows.room[rank][k][0], k))
+                else:
+                    j = min(fits, key=lambda k: (rows.row_load[rank][k], k))
+                rows.put(rank, j, i, samples[i], weight[i])
+                load, placed = load + weight[i], True
+            popped.append((load, position, rank))
         for entry in popped:
             heapq.heappush(heap, entry)
         if not placed:
             left_over.append(i)
-    return Assignment(rows, sorted(left_over), rank_cost)
+    return left_over
+
+
+def _balance_weight(model: CostModel, sample: SampleMeta, padded_rows: bool) -> float:
+    """What a sample adds to its rank's time beyond what every row costs anyway."""
+    if padded_rows:
+        return sample.tiles * model.per_tile + sample.tokens**2 * model.per_token_squared
+    return model.cost(sample)
+
+
+def row_cost(
+    model: CostModel, row: Sequence[SampleMeta], row_tokens: int, padded_rows: bool
+) -> float:
+    """FLOPs of one row: its samples, plus (padded rows) the padding as one more segment."""
+    cost = sum(model.cost(s) for s in row)
+    if padded_rows:
+        pad = row_tokens - sum(s.tokens for s in row)
+        cost += pad * model.per_token + pad**2 * model.per_token_squared
+    return cost
