@@ -92,6 +92,12 @@ class TrainSection:
     """What a NaN/Inf loss or gradient does: "skip" the step or "stop" the run."""
     max_skipped_steps: int = 10
     """Stop after this many skipped steps in a row."""
+    valid_interval: int = 0
+    """Evaluate the validation loss (data.valid_shards) every N optimizer steps; 0: only after
+    the last step. It is always evaluated after the last step when data.valid_shards is set."""
+    valid_batches: int | None = None
+    """Global batches (train.global_batch rows each) of the held-out set per evaluation; None:
+    the whole set. Every evaluation reads the set from its start."""
 
 
 @dataclass
@@ -115,6 +121,9 @@ class DataSection:
     """Directory of a HF tokenizer (source=shards)."""
     max_tiles_per_image: int = 12
     """Dynamic-tiling cap per image (12 in pretraining, 6 in fine-tuning)."""
+    valid_shards: list[str] | None = None
+    """Held-out shard paths or directories (same format as `shards`) for the validation loss
+    (train.valid_interval, train.valid_batches); None: no validation."""
 
 
 @dataclass

@@ -111,6 +111,7 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
         errors.append(f"train.stage={cfg.train.stage!r}; use '1', '1.5' or '2'")
     if cfg.train.nonfinite not in ("skip", "stop"):
         errors.append(f"train.nonfinite={cfg.train.nonfinite!r}; use 'skip' or 'stop'")
+    errors += _validation_set_errors(cfg)
     memory_gb = cfg.cluster.get("gpu_memory_gb") if cfg.cluster else None
     if memory_gb and not errors:
         need = estimate_memory(cfg, spec, world_size).total_gb
@@ -123,6 +124,38 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
     if errors:
         raise RecipeError(f"{where}: " + "; ".join(errors))
     return layout
+
+
+def _validation_set_errors(cfg: RunConfig) -> list[str]:
+    """data.valid_shards, train.valid_interval and train.valid_batches."""
+    errors = []
+    t, data = cfg.train, cfg.data
+    if t.valid_interval < 0:
+        errors.append(
+            f"train.valid_interval={t.valid_interval}; use 0 (evaluate after the last step "
+            "only) or a positive number of steps"
+        )
+    if t.valid_batches is not None and t.valid_batches < 1:
+        errors.append(
+            f"train.valid_batches={t.valid_batches}; use a positive number of global batches, "
+            "or null for the whole held-out set"
+        )
+    if data.valid_shards is not None:
+        if data.source != "shards":
+            errors.append(
+                f"data.valid_shards needs data.source=shards (got {data.source!r}); remove "
+                "data.valid_shards or train on shards"
+            )
+        if not data.valid_shards:
+            errors.append(
+                "data.valid_shards=[] holds no shards; list held-out shard paths or set it null"
+            )
+    elif t.valid_interval or t.valid_batches is not None:
+        errors.append(
+            "train.valid_interval / train.valid_batches are set but data.valid_shards is not; "
+            "set data.valid_shards=[<held-out shard dir or .tar>, ...]"
+        )
+    return errors
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,16 @@ from megatron_internvl.checkpoint import distributed as ckpt
 from megatron_internvl.config.precision import PrecisionConfig
 from megatron_internvl.config.schema import RunConfig
 from megatron_internvl.config.validate import validate
-from megatron_internvl.data.synthetic import SyntheticRows, SyntheticSpec
 from megatron_internvl.models.internvl import build_internvl_chunks
 from megatron_internvl.models.registry import InternVLSpec, get_spec, spec_from_dict
 from megatron_internvl.parallel import runtime
+from megatron_internvl.training.build_data import (  # noqa: F401 (public names of the loop)
+    ShardSource,
+    data_source,
+    fit_spec_to_tokenizer,
+    load_tokenizer,
+    validation_loader,
+)
 from megatron_internvl.training.flops import training_flops
 from megatron_internvl.training.freezing import freeze_for_stage
 from megatron_internvl.training.metrics import MetricsLogger
@@ -39,6 +45,7 @@ from megatron_internvl.training.signals import (
     SignalWatcher,
 )
 from megatron_internvl.training.step import forward_backward, internvl_forward_step, wrap_with_ddp
+from megatron_internvl.training.validation import ValidationSet
 
 
 class NonFiniteError(RuntimeError):
@@ -141,6 +148,7 @@ def train(cfg: RunConfig) -> int:
     layout = validate(cfg, resolved_spec(cfg), world)  # before anything is allocated
     tokenizer = load_tokenizer(cfg)
     spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
+    owns_world = not dist.is_initialized()  # a caller's world outlives this run
     runtime.initialize(layout, seed=cfg.train.seed)
     rank = dist.get_rank()
     out = run_dir(cfg)
@@ -170,6 +178,11 @@ def train(cfg: RunConfig) -> int:
     dp_size = parallel_state.get_data_parallel_world_size()
     data = data_source(cfg, spec, dp_rank, dp_size, tokenizer)
     microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp_size)
+    # A micro-batch of b packed rows runs as one row of b * seq_length tokens (step.flatten_rows).
+    row_tokens = cfg.data.seq_length * cfg.train.micro_batch
+    held_out = validation_loader(cfg, spec, dp_rank, dp_size, tokenizer)
+    valid_set = held_out and ValidationSet(held_out, microbatches, cfg.train.valid_batches)
+    valid_loss: float | None = None
 
     step = 0
     resume_from = ckpt.latest_committed(ckpt_root) if cfg.checkpoint.resume else None
@@ -177,6 +190,7 @@ def train(cfg: RunConfig) -> int:
         meta, per_rank = ckpt.load(resume_from, model, optimizer)
         scheduler.load_state_dict(meta["scheduler"])
         step = meta["step"]
+        valid_loss = meta.get("valid_loss")
         if per_rank is not None:
             _set_rng_state(per_rank["rng"])
             data.load_state_dict(per_rank["data"])
@@ -205,7 +219,7 @@ def train(cfg: RunConfig) -> int:
             step,
             model,
             optimizer,
-            common={"scheduler": scheduler.state_dict()},
+            common={"scheduler": scheduler.state_dict(), "valid_loss": valid_loss},
             per_rank={"rng": _rng_state(), "data": data.state_dict()},
             keep_last=cfg.checkpoint.keep_last,
             extra_files=export_files,
@@ -227,8 +241,8 @@ def train(cfg: RunConfig) -> int:
                 [iter(rows) for _ in model] if len(model) > 1 else iter(rows),
                 model,
                 num_microbatches=microbatches,
-                seq_length=cfg.data.seq_length,
-                micro_batch_size=cfg.train.micro_batch,
+                seq_length=row_tokens,
+                micro_batch_size=1,
             )
             finite = _all_finite(model, loss)
             grad_norm = None
@@ -261,6 +275,9 @@ def train(cfg: RunConfig) -> int:
                 world_size=dist.get_world_size(),
                 peak_tflops=cfg.logging.peak_tflops,
             )
+            if valid_set is not None and _evaluate_now(cfg, step):
+                valid_loss = valid_set.evaluate(internvl_forward_step, model, row_tokens)
+                logger.validation(step, valid_loss)
             if watcher.agreed():
                 save()
                 if async_saver is not None:  # committed before anyone exits
@@ -286,8 +303,17 @@ def train(cfg: RunConfig) -> int:
             async_saver.close()  # commit what is in flight before the process exits
         watcher.restore()
         logger.close()
-    runtime.shutdown()
+    if owns_world:
+        runtime.shutdown()
+    else:
+        parallel_state.destroy_model_parallel()
     return exit_code
+
+
+def _evaluate_now(cfg: RunConfig, step: int) -> bool:
+    """After every train.valid_interval steps, and always after the last step."""
+    interval = cfg.train.valid_interval
+    return step == cfg.train.steps or (interval > 0 and step % interval == 0)
 
 
 def _saved_steps(root: Path, async_saver: ckpt.AsyncSaver | None) -> set[int]:
@@ -329,92 +355,6 @@ def recompute_overrides(recompute: str | None) -> dict[str, Any]:
             "recompute_num_layers": 1,
         }
     return {"recompute_granularity": "selective"}
-
-
-class ShardSource:
-    """The shard loader seen as the loop's data source (micro-batches by count, state)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def next_microbatches(self, count: int) -> list[dict[str, Any]]:
-        return [next(self.loader) for _ in range(count)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-
-def load_tokenizer(cfg: RunConfig) -> Any | None:
-    if cfg.data.source != "shards":
-        return None
-    if not cfg.data.tokenizer:
-        raise ValueError("data.source=shards needs data.tokenizer (a HF tokenizer directory)")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(cfg.data.tokenizer)
-
-
-def fit_spec_to_tokenizer(spec: InternVLSpec, tokenizer: Any | None) -> InternVLSpec:
-    """Embeddings sized to the tokenizer and its `<IMG_CONTEXT>` id, as InternVL resizes them."""
-    if tokenizer is None:
-        return spec
-    from megatron_internvl.data.chat import IMG_CONTEXT
-
-    image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-    language = dataclasses.replace(spec.language, vocab_size=len(tokenizer))
-    return dataclasses.replace(spec, language=language, image_token_id=image_token_id)
-
-
-def data_source(
-    cfg: RunConfig, spec: InternVLSpec, dp_rank: int, dp_size: int, tokenizer: Any = None
-) -> Any:
-    """This data-parallel rank's source of micro-batches (shards or synthetic rows), with state."""
-    if cfg.data.source == "shards":
-        from megatron_internvl.data.loader import (
-            DatasetSpec,
-            InternVLLoader,
-            LoaderConfig,
-            shard_list,
-        )
-        from megatron_internvl.data.tiler import TilerConfig
-
-        weights = cfg.data.weights or [1.0] * len(cfg.data.shards)
-        if len(weights) != len(cfg.data.shards):
-            raise ValueError(
-                f"data.weights has {len(weights)} entries for {len(cfg.data.shards)} shard sets"
-            )
-        datasets = [
-            DatasetSpec(name=str(path), shards=shard_list([path]), weight=weight)
-            for path, weight in zip(cfg.data.shards, weights, strict=True)
-        ]
-        loader_cfg = LoaderConfig(
-            seq_length=cfg.data.seq_length,
-            max_tiles_per_row=cfg.data.max_tiles_per_row,
-            loss_reduction=cfg.data.loss_reduction,
-            tokens_per_tile=spec.tokens_per_tile,
-            seed=cfg.train.seed,
-            skip_check_after=50,
-            tiler=TilerConfig(
-                image_size=spec.vision.image_size,
-                max_num=cfg.data.max_tiles_per_image,
-                device_id=torch.cuda.current_device() if torch.cuda.is_available() else None,
-            ),
-        )
-        return ShardSource(InternVLLoader(datasets, tokenizer, loader_cfg, dp_rank, dp_size))
-    if cfg.data.source == "synthetic":
-        synthetic = SyntheticSpec(
-            vocab_size=spec.language.vocab_size,
-            image_token_id=spec.image_token_id,
-            tokens_per_tile=spec.tokens_per_tile,
-            image_size=spec.vision.image_size,
-            seq_length=cfg.data.seq_length,
-            text_vocab=cfg.data.synthetic_text_vocab,
-        )
-        return SyntheticRows(synthetic, cfg.train.seed, dp_rank, dp_size)
-    raise ValueError(f"data.source={cfg.data.source!r}; use 'synthetic' or 'shards'")
 
 
 def _launcher_world_size() -> int:

@@ -85,6 +85,16 @@ class MetricsLogger:
             flush=True,
         )
 
+    def validation(self, step: int, loss: float | None) -> None:
+        """The held-out loss evaluated after optimizer step `step` (`valid/loss`)."""
+        if not self.active:
+            return
+        if self.writer is not None and loss is not None:
+            self.writer.add_scalar("valid/loss", loss, step)
+            self.writer.flush()
+        text = f"{loss:.4f}" if loss is not None else "- (no supervised token)"
+        print(f"step {step:6d} | validation loss {text}", flush=True)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

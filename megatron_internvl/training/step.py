@@ -103,6 +103,23 @@ def to_device(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def flatten_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """b packed rows ([b, s]) as one row of b * s tokens ([1, b * s]).
+
+    Attention stays inside each sub-sample (`cu_seqlens` already counts over the flattened
+    tokens) and images are in row-major order, so this changes no number; it lets THD kernels,
+    the CP split and pipeline shapes see one sequence.
+    """
+    if batch["tokens"].size(0) == 1:
+        return batch
+    if batch.get("cu_seqlens") is None:
+        raise ValueError("a micro-batch of several rows needs cu_seqlens (packed rows)")
+    return {k: v.reshape(1, -1) if k in ROW_KEYS else v for k, v in batch.items()}
+
+
 def bind_loss(loss_mask: torch.Tensor) -> LossFunc:
     """The loss_func for one microbatch."""
     return partial(masked_token_loss, loss_mask)
@@ -129,11 +146,12 @@ def internvl_forward_step(
     """Forward one InternVL microbatch.
 
     Keys: tokens, labels, loss_mask, position_ids ([b, s] full rows), images ([tiles, 3, S, S]
-    or absent for text-only), cu_seqlens (sub-sample boundaries of a packed row, b == 1) and
-    sample_keys (for error messages). The model splits the row for context parallelism; the
-    loss mask is split the same way here.
+    or absent for text-only), cu_seqlens (sub-sample boundaries over the b * s tokens) and
+    sample_keys (for error messages). A micro-batch of b packed rows runs as one row of b * s
+    tokens (`flatten_rows`): the schedule is called with seq_length b * s and micro-batch 1.
+    The model splits the row for context parallelism; the loss mask is split the same way here.
     """
-    batch = to_device(next(data_iterator))
+    batch = flatten_rows(to_device(next(data_iterator)))
     cu_seqlens = batch.get("cu_seqlens")
     packed = None
     if cu_seqlens is not None:
