@@ -28,6 +28,8 @@ class Run:
     """One rank reads the micro-batches data-parallel ranks 0..n-1 of n would (a DP reference)."""
     resume_from: tuple[str, int] | None = None
     """(run name, step): start from a copy of that run's checkpoint of that step."""
+    nan_grad_at: int | None = None
+    """Put a NaN into rank 1's gradient buffer after this step's backward pass."""
 
 
 @dataclass
@@ -70,6 +72,7 @@ def base_overrides(split: dict[str, list[str]], out: Path) -> list[str]:
         "train.global_batch=2",
         "logging.log_every=1",
         "checkpoint.save_every=0",
+        "data.pad_to_multiple=4",  # what CP2 needs: the same rows at every layout
         f"data.shards=[{','.join(split['train'])}]",
         f"data.valid_shards=[{','.join(split['valid'])}]",
     ]
@@ -102,13 +105,15 @@ def run_all(base: list[str], runs: list[Run]) -> None:
         if run.resume_from is not None and dist.get_rank() == 0:
             _copy_checkpoint(Path(cfg.output_dir), run.resume_from, run.name)
         dist.barrier()
-        original = loop.data_source
+        original = loop.data_source, loop.forward_backward
         if run.dealt_over:
-            loop.data_source = _dealt_source(original, run.dealt_over)
+            loop.data_source = _dealt_source(original[0], run.dealt_over)
+        if run.nan_grad_at:
+            loop.forward_backward = _nan_on_rank_one(original[1], run.nan_grad_at)
         try:
             assert loop.train(cfg) == 0
         finally:
-            loop.data_source = original
+            loop.data_source, loop.forward_backward = original
 
 
 def _dealt_source(original, dp_size: int):
@@ -116,6 +121,21 @@ def _dealt_source(original, dp_size: int):
         return _Dealt([original(cfg, spec, r, dp_size, tokenizer) for r in range(dp_size)])
 
     return source
+
+
+def _nan_on_rank_one(forward_backward, at_step: int):
+    import torch.distributed as dist
+
+    calls = [0]
+
+    def patched(forward_step, data_iterator, model, **kwargs):
+        loss = forward_backward(forward_step, data_iterator, model, **kwargs)
+        calls[0] += 1
+        if calls[0] == at_step and dist.get_rank() == 1:
+            model[0].buffers[0].grad_data[-1] = float("nan")
+        return loss
+
+    return patched
 
 
 def _copy_checkpoint(out: Path, source: tuple[str, int], name: str) -> None:
@@ -126,11 +146,13 @@ def _copy_checkpoint(out: Path, source: tuple[str, int], name: str) -> None:
     shutil.copytree(out / source[0] / "checkpoints" / name_of_step, target)
 
 
-def curves(out: Path, name: str) -> Curves:
+def scalars(out: Path, name: str, tag: str) -> dict[int, float]:
     events = EventAccumulator(str(out / name / "tensorboard"))
     events.Reload()
-    tags = events.Tags()["scalars"]
-    result = Curves({e.step: e.value for e in events.Scalars("train/loss")})
-    if "valid/loss" in tags:
-        result.valid = {e.step: e.value for e in events.Scalars("valid/loss")}
-    return result
+    if tag not in events.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def curves(out: Path, name: str) -> Curves:
+    return Curves(scalars(out, name, "train/loss"), scalars(out, name, "valid/loss"))

@@ -85,7 +85,9 @@ class LoaderConfig:
 
     seq_length: int = 16384
     micro_batch_size: int = 1
-    """Rows per micro-batch; packed training uses 1 (forward steps take one row's cu_seqlens)."""
+    """Rows per micro-batch (the training step runs them as one row of b * seq_length tokens)."""
+    pad_to_multiple: int = 1
+    """Each sample occupies a multiple of this many tokens (2 x CP; see `packing`)."""
     max_tiles_per_row: int = 48
     max_tiles_per_sample: int = 48
     open_rows: int = 16
@@ -182,6 +184,7 @@ class InternVLLoader:
                 open_rows=cfg.open_rows,
                 loss_reduction=cfg.loss_reduction,
                 pad_token_id=tokenizer.pad_token_id or 0,
+                pad_to_multiple=cfg.pad_to_multiple,
             )
         )
         self.image_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
@@ -322,8 +325,9 @@ class InternVLLoader:
         """The next micro-batch.
 
         Keys: `tokens`, `labels` (shifted, -100 where unsupervised), `loss_mask` (float
-        per-token weights), `position_ids` [b, s] int64; `cu_seqlens` int32 boundaries over the
-        b * s flattened tokens; `max_seqlen`; `tile_counts` per sub-sample; `images`
+        per-token weights), `position_ids` [b, s] int64; `cu_seqlens` int32 real lengths and
+        `cu_seqlens_padded` int32 boundaries over the b * s flattened tokens; `max_seqlen`;
+        `tile_counts` per sub-sample; `images`
         [tiles, 3, S, S] float32 in the order of the `<IMG_CONTEXT>` runs (None without
         images); `sample_keys` (`<shard>:<key>` per sub-sample).
         """

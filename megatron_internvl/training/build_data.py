@@ -18,19 +18,37 @@ from megatron_internvl.models.registry import InternVLSpec
 
 
 class ShardSource:
-    """The shard loader seen as the loop's data source (micro-batches by count, state)."""
+    """The shard loader seen as the loop's data source: micro-batches by count, state, and
+    (prefetch > 0) a background `Prefetcher` that prepares the next micro-batches (read, tile,
+    tokenize, pack, collate) while the current step computes. Its state is the loader's right
+    after the last micro-batch handed out, so prefetched but unused rows are neither lost nor
+    repeated on resume."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: Any, prefetch: int = 0) -> None:
+        from megatron_internvl.data.prefetch import Prefetcher
+
         self.loader = loader
+        self.batches = Prefetcher(loader, prefetch) if prefetch > 0 else loader
 
     def next_microbatches(self, count: int) -> list[dict[str, Any]]:
-        return [next(self.loader) for _ in range(count)]
+        return [next(self.batches) for _ in range(count)]
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        return self.batches.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+        self.batches.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the prefetch threads and close the shard files."""
+        if self.batches is not self.loader:
+            self.batches.close()
+        self.loader.close()
+
+    @property
+    def fill_rate(self) -> float:
+        """Real tokens / row positions so far (padding, layout padding included, is waste)."""
+        return self.loader.packing_stats.fill_rate
 
 
 class RowGroups:
@@ -90,12 +108,14 @@ def fit_spec_to_tokenizer(spec: InternVLSpec, tokenizer: Any | None) -> InternVL
 
 def loader_config(cfg: RunConfig, spec: InternVLSpec, **overrides: Any) -> Any:
     """The shard loader's settings for this run (`overrides`: e.g. a finite, unshuffled set)."""
+    from megatron_internvl.config.validate import packing_multiples
     from megatron_internvl.data.loader import LoaderConfig
     from megatron_internvl.data.tiler import TilerConfig
 
     return LoaderConfig(
         seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch,
+        pad_to_multiple=packing_multiples(cfg)[0],
         max_tiles_per_row=cfg.data.max_tiles_per_row,
         loss_reduction=cfg.data.loss_reduction,
         tokens_per_tile=spec.tokens_per_tile,
@@ -127,7 +147,7 @@ def data_source(
             for path, weight in zip(cfg.data.shards, weights, strict=True)
         ]
         loader = InternVLLoader(datasets, tokenizer, loader_config(cfg, spec), dp_rank, dp_size)
-        return ShardSource(loader)
+        return ShardSource(loader, cfg.data.prefetch)
     if cfg.data.source == "synthetic":
         synthetic = SyntheticSpec(
             vocab_size=spec.language.vocab_size,
