@@ -143,10 +143,8 @@ def flatten_rows(batch: dict[str, Any]) -> dict[str, Any]:
     tokens) and images are in row-major order, so this changes no number; it lets THD kernels,
     the CP split and pipeline shapes see one sequence.
     """
-    if batch["tokens"].size(0) == 1:
-        return batch
-    if batch.get("cu_seqlens") is None:
-        raise ValueError("a micro-batch of several rows needs cu_seqlens (packed rows)")
+    if batch["tokens"].size(0) == 1 or batch.get("cu_seqlens") is None:
+        return batch  # one row, or unpacked rows ([b, s] with plain causal attention)
     return {k: v.reshape(1, -1) if k in ROW_KEYS else v for k, v in batch.items()}
 
 
