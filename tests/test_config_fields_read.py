@@ -54,3 +54,13 @@ def test_every_schema_field_is_read_by_the_package():
     assert unread_fields(files) == []
     # The check can fail: a field that no module reads is reported.
     assert unread_fields(files, ("train.unused_new_setting",)) == ["train.unused_new_setting"]
+
+
+def test_a_run_on_another_world_size_than_the_recipe_s_is_told_so():
+    from megatron_internvl.config.validate import layout_notes
+    from megatron_internvl.train import compose
+
+    cfg = schema.load_run_config(compose(["recipe=demo_cpu"]))  # parallel.gpus: 2
+    assert layout_notes(cfg, 2) == []
+    (note,) = layout_notes(cfg, 4)
+    assert "parallel.gpus=2 ranks, this run has 4" in note

@@ -55,8 +55,8 @@ class ParallelSection:
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
     gpus: int | None = None
-    """The world size the recipe was laid out for (a run with another world size is refused
-    before anything is allocated), or None: any world size."""
+    """The world size the recipe was laid out for (a run with another world size says so when
+    it starts), or None: any world size."""
 
 
 @dataclass

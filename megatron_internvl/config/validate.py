@@ -71,12 +71,6 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
                 f"{rest // stages} layers per stage do not split into "
                 f"virtual_pipeline={layout.virtual_pipeline} chunks"
             )
-    if cfg.parallel.gpus is not None and cfg.parallel.gpus != world_size:
-        errors.append(
-            f"the recipe is laid out for parallel.gpus={cfg.parallel.gpus} ranks but "
-            f"{world_size} started; start {cfg.parallel.gpus} ranks, or set "
-            f"parallel.gpus={world_size} (or null) after checking the layout fits"
-        )
     if world_size % layout.model_parallel:
         errors.append(
             f"tensor x pipeline x context = {layout.model_parallel} does not divide "
@@ -126,6 +120,18 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
     if errors:
         raise RecipeError(f"{where}: " + "; ".join(errors))
     return layout
+
+
+def layout_notes(cfg: RunConfig, world_size: int) -> list[str]:
+    """What a run that can work should still be told (printed at the start of training)."""
+    gpus = cfg.parallel.gpus
+    if gpus is None or gpus == world_size:
+        return []
+    return [
+        f"the recipe is laid out for parallel.gpus={gpus} ranks, this run has {world_size}: "
+        "the data-parallel size (and with it the micro-batches per rank and the per-rank "
+        f"memory) differs from the recipe's; set parallel.gpus={world_size} to silence this"
+    ]
 
 
 def packing_multiples(cfg: RunConfig) -> tuple[int, int]:

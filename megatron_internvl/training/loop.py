@@ -25,7 +25,7 @@ from megatron.core.timers import Timers
 
 from megatron_internvl.checkpoint import distributed as ckpt
 from megatron_internvl.config.schema import RunConfig
-from megatron_internvl.config.validate import validate
+from megatron_internvl.config.validate import layout_notes, validate
 from megatron_internvl.models.registry import InternVLSpec
 from megatron_internvl.parallel import runtime
 from megatron_internvl.training.build_data import (  # noqa: F401 (public names of the loop)
@@ -87,6 +87,8 @@ def train(cfg: RunConfig) -> int:
     owns_world = not dist.is_initialized()  # a caller's world outlives this run
     runtime.initialize(layout, seed=cfg.train.seed)
     if dist.get_rank() == 0:
+        for note in layout_notes(cfg, world):
+            print(f"note: {note}", flush=True)
         run_dir(cfg).mkdir(parents=True, exist_ok=True)
         (run_dir(cfg) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
