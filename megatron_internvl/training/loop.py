@@ -33,6 +33,7 @@ from megatron_internvl.parallel import runtime
 from megatron_internvl.training.flops import training_flops
 from megatron_internvl.training.freezing import freeze_for_stage
 from megatron_internvl.training.metrics import MetricsLogger
+from megatron_internvl.training.run_dir import claim_run_dir, shard_set_name
 from megatron_internvl.training.signals import (
     REQUEUE_EXIT_CODE,
     REQUEUE_FILE_ENV,
@@ -142,6 +143,7 @@ def train(cfg: RunConfig) -> int:
     tokenizer = load_tokenizer(cfg)
     spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
     runtime.initialize(layout, seed=cfg.train.seed)
+    claim_run_dir(cfg, spec)  # before anything is written: one run per directory
     rank = dist.get_rank()
     out = run_dir(cfg)
     ckpt_root = out / "checkpoints"
@@ -387,7 +389,7 @@ def data_source(
                 f"data.weights has {len(weights)} entries for {len(cfg.data.shards)} shard sets"
             )
         datasets = [
-            DatasetSpec(name=str(path), shards=shard_list([path]), weight=weight)
+            DatasetSpec(name=shard_set_name(path), shards=shard_list([path]), weight=weight)
             for path, weight in zip(cfg.data.shards, weights, strict=True)
         ]
         loader_cfg = LoaderConfig(
