@@ -21,12 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "demo" / "data" / "images"
 
 
-def _tool(*args: str) -> None:
+def _tool(*args: str) -> str:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,8 @@ def test_the_export_converts_back_bit_exactly_from_its_config(demo_export, tmp_p
         "tools/convert_hf.py", "to-megatron", "--hf-dir", str(demo_export), "--out", str(megatron)
     )
     again = tmp_path / "hf"
-    _tool("tools/convert_hf.py", "to-hf", "--ckpt", str(megatron), "--out", str(again))
+    log = _tool("tools/convert_hf.py", "to-hf", "--ckpt", str(megatron), "--out", str(again))
+    assert "100% (" in log and " MiB, " in log and " GiB" not in log  # units that suit ~1 MiB
     first = load_file(demo_export / "model-00001-of-00001.safetensors")
     second = load_file(again / "model-00001-of-00001.safetensors")
     assert first.keys() == second.keys()

@@ -47,7 +47,7 @@ from megatron_internvl.checkpoint.hf_mappings import (
 )
 from megatron_internvl.checkpoint.hf_transforms import TRANSFORMS, ShapeContext
 from megatron_internvl.checkpoint.megatron_files import release_memory
-from megatron_internvl.checkpoint.progress import Progress
+from megatron_internvl.checkpoint.progress import Progress, amount
 from megatron_internvl.models.registry import (
     InternVLSpec,
     get_spec,
@@ -310,7 +310,7 @@ def _save_megatron(
 ) -> None:
     dtype = next(model.parameters()).dtype
     total = sum(t.numel() * t.element_size() for t in megatron_files.model_tensors(model).values())
-    log(f"writing dist checkpoint ({_DTYPE_NAMES[dtype]}, {total / 2**30:.2f} GiB)")
+    log(f"writing dist checkpoint ({_DTYPE_NAMES[dtype]}, {amount(total)})")
     with Progress(total, "to-megatron", log) as progress:
         megatron_files.save(model, out, materialise, progress.advance)
     record = {
@@ -616,7 +616,7 @@ def _write_hf(
                     writer.close()
                     weight_map.update({n: shard for n, _ in shards[k]})
                     size = writer.path.stat().st_size
-                    log(f"wrote {k + 1}/{len(shards)} {shard} ({size / 2**30:.2f} GiB)")
+                    log(f"wrote {k + 1}/{len(shards)} {shard} ({amount(size)})")
                     writer, k = None, k + 1
             del outputs, t  # this parameter is on disk: free it before reading the next
             release_memory()
