@@ -62,6 +62,8 @@ def run_identity(cfg: RunConfig, spec: InternVLSpec) -> dict[str, Any]:
 
 
 def _data_changes(recorded: Any, current: Any) -> str:
+    if recorded == current:
+        return ""
     if not (isinstance(recorded, list) and isinstance(current, list)):
         return f"data {recorded} -> {current}"
     if len(recorded) != len(current):
