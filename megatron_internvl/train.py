@@ -3,16 +3,18 @@
 Hydra composes `recipes/config.yaml` + the named recipe + command-line overrides; the result is
 validated into `RunConfig` and handed to the training loop. Hydra's own working-directory and
 logging changes are off: the run directory is <output_dir>/<name>, the same on every rank.
+Hydra's flags work as in any Hydra app: `--help`, `--cfg job` (the composed, validated config),
+`--info`. Configuration and data mistakes end with one line on rank 0 and exit code 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+from megatron_internvl.resources import RECIPES
 
 
 @contextmanager
@@ -45,16 +47,32 @@ def compose(overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_internvl.config.schema import load_run_config
-    from megatron_internvl.config.validate import RecipeError
+    from megatron_internvl.config.cli import report_user_errors
+
+    return report_user_errors(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _main(argv: list[str]) -> int:
+    from megatron_internvl.config import cli
+    from megatron_internvl.training.run_dir import RunAlreadyComplete
+
+    args = cli.parse_args(argv)
+    if args.multirun:
+        raise cli.ConfigError(
+            "the training entry runs one configuration; sweeps run through tools/sweep.py"
+        )
+    cfg = cli.compose_run_config(args.overrides)
+    if cli.wants_hydra_report(args):
+        cli.check_runnable(cfg)
+        return cli.hydra_report(argv, "megatron_internvl.train")
     from megatron_internvl.training.loop import train
 
-    cfg = load_run_config(compose(list(sys.argv[1:] if argv is None else argv)))
     try:
         return train(cfg)
-    except RecipeError as error:  # nothing was allocated: say what to change, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except RunAlreadyComplete as done:
+        if os.environ.get("RANK", "0") == "0":
+            print(done, flush=True)
+        return 0
 
 
 if __name__ == "__main__":

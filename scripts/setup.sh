@@ -11,11 +11,20 @@ stamp="$venv/.installed-$(cat "$root/pyproject.toml" "$0" | sha256sum | cut -c1-
 if [ -f "$stamp" ]; then
   exit 0
 fi
-echo "setup: installing into $venv (once)" >&2
+# Progress: a numbered line per step with its time; on a terminal pip also shows its download
+# bars (in logs it stays quiet, one line per step).
+pip_out=(-q)
+[ -t 2 ] && pip_out=(--progress-bar on)
+step() { echo "setup: [$1/4] $2 (${SECONDS}s so far)" >&2; }
+echo "setup: installing into $venv (once per pyproject.toml; a few minutes)" >&2
+step 1 "creating the virtual environment"
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-"$venv/bin/python" -m pip install -q -e "$root[dev]"
+step 2 "upgrading pip"
+"$venv/bin/python" -m pip install "${pip_out[@]}" --upgrade pip
+step 3 "installing ${TORCH_SPEC:-torch==2.13.0} (the largest download)"
+"$venv/bin/python" -m pip install "${pip_out[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+step 4 "installing megatron-internvl with its dependencies and test tools"
+"$venv/bin/python" -m pip install "${pip_out[@]}" -e "$root[dev]"
 rm -f "$venv"/.installed-*
 touch "$stamp"
-echo "setup: done" >&2
+echo "setup: done in ${SECONDS}s" >&2

@@ -21,8 +21,6 @@ import transformers
 
 from megatron_internvl.models.registry import InternVLSpec
 
-_NORM_TYPE = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm"}
-
 # Parameter-name prefixes of InternVLForConditionalGeneration, by component.
 _GROUPS = {
     "vision": ("model.vision_tower.",),
@@ -31,69 +29,14 @@ _GROUPS = {
 }
 
 
-def _text_config(spec: InternVLSpec) -> transformers.PreTrainedConfig:
-    lang = spec.language
-    head_dim = lang.kv_channels or lang.hidden_size // lang.num_attention_heads
-    rope: dict[str, object] = {"rope_type": "default", "rope_theta": lang.rope_theta}
-    if spec.rope_dynamic_factor is not None:
-        rope = {
-            "rope_type": "dynamic",
-            "factor": spec.rope_dynamic_factor,
-            "rope_theta": lang.rope_theta,
-        }
-    common = dict(
-        vocab_size=lang.vocab_size,
-        hidden_size=lang.hidden_size,
-        intermediate_size=lang.ffn_hidden_size,
-        num_hidden_layers=lang.num_layers,
-        num_attention_heads=lang.num_attention_heads,
-        num_key_value_heads=lang.num_query_groups,
-        head_dim=head_dim,
-        hidden_act="silu",
-        rms_norm_eps=lang.norm_eps,
-        rope_parameters=rope,
-        # Both families were trained to 32k; dynamic NTK scales RoPE only past this length.
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-    )
-    if spec.llm_family == "qwen2":
-        # Qwen2Attention hard-codes bias on q/k/v (none on o_proj); it has no attention_bias knob.
-        return transformers.Qwen2Config(**common)
-    # Llama's attention_bias covers q/k/v *and* o_proj, matching InternLM2's single `bias` flag.
-    return transformers.LlamaConfig(**common, attention_bias=lang.qkv_bias, mlp_bias=False)
-
-
 def hf_internvl_config(spec: InternVLSpec) -> transformers.InternVLConfig:
-    """transformers' native InternVLConfig for `spec` (text config: Qwen2 or Llama)."""
-    vit = spec.vision
-    vision_config = transformers.InternVLVisionConfig(
-        hidden_size=vit.hidden_size,
-        num_hidden_layers=vit.num_layers,
-        num_attention_heads=vit.num_attention_heads,
-        intermediate_size=vit.ffn_hidden_size,
-        hidden_act="gelu",
-        attention_bias=vit.qkv_bias,
-        use_qk_norm=vit.qk_norm,
-        norm_type=_NORM_TYPE[vit.norm],
-        layer_norm_eps=vit.norm_eps,
-        image_size=vit.image_size,
-        patch_size=vit.patch_size,
-        layer_scale_init_value=vit.layer_scale_init,
-        use_mask_token=False,
-        use_absolute_position_embeddings=True,
-        use_mean_pooling=True,  # True means "no final LayerNorm", as in InternViT
-    )
-    return transformers.InternVLConfig(
-        vision_config=vision_config,
-        text_config=_text_config(spec),
-        image_token_id=spec.image_token_id,
-        image_seq_length=spec.tokens_per_tile,
-        downsample_ratio=spec.downsample_ratio,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )
+    """transformers' native InternVLConfig for `spec`: the export's own config (one mapping of
+    spec fields to transformers' names, not a second copy here); it is pinned to transformers'
+    documented defaults and the published InternVL 2.5 configs in
+    tests/test_convert_tables.py::test_native_config_is_the_published_one."""
+    from megatron_internvl.checkpoint.hf_config import native_config
+
+    return native_config(spec, "float32")
 
 
 def build_hf_model(spec: InternVLSpec) -> transformers.InternVLForConditionalGeneration:

@@ -13,7 +13,7 @@ from megatron_internvl.models.internvl import build_internvl_chunks
 from megatron_internvl.models.registry import get_spec
 from megatron_internvl.parallel.layout import ParallelLayout
 from tests.convert_cases import FLAVOURS, original_shapes
-from tests.hf_oracle import build_hf_model, hf_internvl_config
+from tests.hf_oracle import build_hf_model
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -40,15 +40,57 @@ def test_native_file_names_are_what_save_pretrained_writes():
     assert native_file_name("model.multi_modal_projector.x") == "multi_modal_projector.x"
 
 
-@pytest.mark.parametrize("flavour", [*FLAVOURS, "internvl2_5_8b", "internvl2_5_78b"])
-def test_native_config_equals_the_oracle(flavour):
+# The published configs, written down from the model cards (not from our registry): the LLMs of
+# InternVL2_5-1B (Qwen2.5-0.5B-Instruct, vocabulary extended by InternVL's tokens) and
+# InternVL2_5-8B (InternLM2.5-7B-chat as transformers' Llama). Their ViT, InternViT-300M-448px,
+# is transformers' documented InternVLVisionConfig default (with its q/k/v bias), as are the
+# InternVLConfig fields
+# (image_token_id aside, 92546 for InternLM2 tokenizers).
+PUBLISHED_TEXT = {
+    "internvl2_5_1b": lambda t: t.Qwen2Config(
+        vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False,
+    ),
+    "internvl2_5_8b": lambda t: t.LlamaConfig(
+        vocab_size=92553, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6},
+        attention_bias=False, max_position_embeddings=32768, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("flavour", sorted(PUBLISHED_TEXT))
+def test_native_config_is_the_published_one(flavour):
+    import transformers
+
     spec = get_spec(flavour)
+    expected = transformers.InternVLConfig(
+        # InternViT-300M-448px: transformers' defaults, and its qkv_bias (true in its config)
+        vision_config=transformers.InternVLVisionConfig(attention_bias=True),
+        text_config=PUBLISHED_TEXT[flavour](transformers),
+        image_token_id=spec.image_token_id,
+        tie_word_embeddings=False,
+    ).to_dict()
     ours = native_config(spec, "float32").to_dict()
-    oracle = hf_internvl_config(spec).to_dict()
-    for side in (ours, oracle):
-        for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
+    assert ours.pop("architectures") == ["InternVLForConditionalGeneration"]
+    expected.pop("architectures")
+    for side in (ours, expected, ours["text_config"], expected["text_config"]):
+        for key in ("dtype", "torch_dtype", "transformers_version"):
             side.pop(key, None)
-    assert ours == oracle
+    for side in (ours["vision_config"], expected["vision_config"]):
+        for key in ("dtype", "torch_dtype", "transformers_version"):
+            side.pop(key, None)
+    assert ours["vision_config"] == expected["vision_config"]
+    assert ours["text_config"] == expected["text_config"]
+    assert ours == expected
+    assert image_token_id_of(flavour) == spec.image_token_id
+
+
+def image_token_id_of(flavour: str) -> int:
+    """`<IMG_CONTEXT>`'s id in the released tokenizers (Qwen2.5: 151667, InternLM2.5: 92546)."""
+    return {"internvl2_5_1b": 151667, "internvl2_5_8b": 92546}[flavour]
 
 
 CTX = ShapeContext(

@@ -4,8 +4,8 @@
 The Megatron side loads at any TP/PP (dist_checkpointing reshards). Examples:
 
   # an HF InternVL checkpoint (original InternVLChatModel or transformers' layout) -> Megatron
-  python tools/convert_hf.py to-megatron --model internvl2_5_8b \\
-      --hf-dir InternVL2_5-8B --out ckpt/internvl2_5_8b-megatron
+  python tools/convert_hf.py to-megatron \\
+      --hf-dir InternVL2_5-8B --out ckpt/internvl2_5_8b-megatron  # shape from its config.json
 
   # 26B-78B: pad the 25-head ViT to 32 heads so the checkpoint loads at TP 1, 2, 4 or 8
   python tools/convert_hf.py to-megatron --model internvl2_5_26b --vision-pad-heads-to 8 ...
@@ -44,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Import a full InternVL HF checkpoint (--hf-dir), or build a stage-1 model "
         "from an InternViT (--vision-dir) and an LLM (--llm-dir).",
     )
-    to_megatron.add_argument("--model", required=True, help="flavour (tools/model_info.py --list)")
+    to_megatron.add_argument(
+        "--model",
+        help="flavour (tools/model_info.py --list); default for --hf-dir: the shape its "
+        "config.json describes (any InternVL-architecture checkpoint)",
+    )
     to_megatron.add_argument(
         "--hf-dir", help="InternVL checkpoint directory (config.json + shards)"
     )
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 force=args.force,
             )
-        elif args.vision_dir and args.llm_dir and not args.hf_dir:
+        elif args.vision_dir and args.llm_dir and not args.hf_dir and args.model:
             out = convert.pieces_to_megatron(
                 args.vision_dir,
                 args.llm_dir,
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             print(
-                "to-megatron: pass either --hf-dir, or both --vision-dir and --llm-dir",
+                "to-megatron: pass either --hf-dir, or --vision-dir, --llm-dir and --model",
                 file=sys.stderr,
             )
             return 2

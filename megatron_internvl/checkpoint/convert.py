@@ -47,8 +47,13 @@ from megatron_internvl.checkpoint.hf_mappings import (
 )
 from megatron_internvl.checkpoint.hf_transforms import TRANSFORMS, ShapeContext
 from megatron_internvl.checkpoint.megatron_files import release_memory
-from megatron_internvl.checkpoint.progress import Progress
-from megatron_internvl.models.registry import InternVLSpec, get_spec, spec_from_dict
+from megatron_internvl.checkpoint.progress import Progress, amount
+from megatron_internvl.models.registry import (
+    InternVLSpec,
+    get_spec,
+    spec_from_dict,
+    spec_to_dict,
+)
 
 if TYPE_CHECKING:
     from megatron_internvl.config.precision import PrecisionConfig
@@ -305,7 +310,7 @@ def _save_megatron(
 ) -> None:
     dtype = next(model.parameters()).dtype
     total = sum(t.numel() * t.element_size() for t in megatron_files.model_tensors(model).values())
-    log(f"writing dist checkpoint ({_DTYPE_NAMES[dtype]}, {total / 2**30:.2f} GiB)")
+    log(f"writing dist checkpoint ({_DTYPE_NAMES[dtype]}, {amount(total)})")
     with Progress(total, "to-megatron", log) as progress:
         megatron_files.save(model, out, materialise, progress.advance)
     record = {
@@ -320,7 +325,7 @@ def _save_megatron(
 def hf_to_megatron(
     hf_dir: Path | str,
     out_dir: Path | str,
-    spec_name: str,
+    spec_name: str | None = None,
     hf_layout: str = "auto",
     vision_pad_heads_to: int | None = None,
     dtype: str | torch.dtype | None = None,
@@ -329,14 +334,20 @@ def hf_to_megatron(
 ) -> Path:
     """Convert an InternVL HF checkpoint (original or transformers layout) to a dist checkpoint.
 
-    `hf_layout`: "auto" (from config.json), "original" or "native". `vision_pad_heads_to`: pad
-    the ViT's heads to a multiple of this (e.g. 8 lets a 25-head ViT load at TP 1-8).
-    `dtype`: of the saved parameters; default bfloat16 for a bf16 source, else float32.
+    `spec_name`: a registered flavour, or None to take the model's shape from its config.json
+    (any InternVL-architecture checkpoint). `hf_layout`: "auto" (from config.json), "original"
+    or "native". `vision_pad_heads_to`: pad the ViT's heads to a multiple of this (e.g. 8 lets
+    a 25-head ViT load at TP 1-8). `dtype`: of the saved parameters; default bfloat16 for a
+    bf16 source, else float32.
     """
-    spec = get_spec(spec_name)
     source = hf_files.HFSource(hf_dir)
-    config = hf_config.read_config(source.dir) if hf_layout == "auto" else None
-    if config is not None:
+    config = hf_config.read_config(source.dir) if hf_layout == "auto" or not spec_name else None
+    if spec_name:
+        spec = get_spec(spec_name)
+    else:
+        spec = hf_config.spec_from_config(config, source.dir, name=source.dir.name)
+        log(f"model shape from {source.dir / 'config.json'} ({spec.llm_family} LLM)")
+    if config is not None and hf_layout == "auto":
         hf_layout, family = hf_config.detect_internvl(config, str(source.dir / "config.json"))
         hf_config.check_family(family, spec, str(source.dir))
     if hf_layout not in HF_LAYOUTS:
@@ -354,7 +365,7 @@ def hf_to_megatron(
         _check_covered(tensors, entries, ())
         _validate(source, _expected_parts(entries, tensors, ctx), rename, what)
         materialise = _materialiser([(source, entries, rename)], ctx, model_dtype)
-        info = {"source": str(source.dir), "hf_layout": hf_layout}
+        info = {"source": str(source.dir), "hf_layout": hf_layout, "spec": spec_to_dict(spec)}
         _save_megatron(model, tmp, spec, ctx, info, materialise, log)
         source.copy_extras(tmp / TOKENIZER_SUBDIR)
     return Path(out_dir)
@@ -491,10 +502,11 @@ def megatron_to_hf(
     """Write a dist checkpoint as an HF checkpoint: safetensors shards, index, config.json.
 
     `spec_name`: the flavour (default: the one recorded at import). `hf_layout`: "native"
-    (transformers' InternVLForConditionalGeneration) or "original" (InternVLChatModel; its
-    remote-code .py files are not included). `dtype`: of the written tensors (default: the
-    checkpoint's). Tokenizer files come from `tokenizer_dir`, else from the checkpoint's
-    `hf_tokenizer/` (kept at import).
+    (transformers' InternVLForConditionalGeneration, with the processor files AutoProcessor
+    reads) or "original" (InternVLChatModel's weights and config; no model code and no
+    auto_map: load it with InternVL's own code, see the README). `dtype`: of the written
+    tensors (default: the checkpoint's). Tokenizer files come from `tokenizer_dir`, else from
+    the checkpoint's `hf_tokenizer/` (kept at import).
     """
     ckpt_dir = _resolve_training_checkpoint(Path(ckpt_dir), log)
     if hf_layout not in HF_LAYOUTS:
@@ -543,6 +555,12 @@ def megatron_to_hf(
         extras = Path(tokenizer_dir) if tokenizer_dir else ckpt_dir / TOKENIZER_SUBDIR
         copied = hf_files.copy_extras(extras, tmp) if extras.is_dir() else []
         log(f"copied tokenizer files: {copied or 'none found'}")
+        if hf_layout == "native":  # what AutoProcessor reads
+            from megatron_internvl.data.chat import DEFAULT_SYSTEM_PROMPT
+
+            hf_files.write_processor_files(
+                tmp, spec.vision.image_size, spec.tokens_per_tile, DEFAULT_SYSTEM_PROMPT
+            )
     return Path(out_dir)
 
 
@@ -598,7 +616,7 @@ def _write_hf(
                     writer.close()
                     weight_map.update({n: shard for n, _ in shards[k]})
                     size = writer.path.stat().st_size
-                    log(f"wrote {k + 1}/{len(shards)} {shard} ({size / 2**30:.2f} GiB)")
+                    log(f"wrote {k + 1}/{len(shards)} {shard} ({amount(size)})")
                     writer, k = None, k + 1
             del outputs, t  # this parameter is on disk: free it before reading the next
             release_memory()

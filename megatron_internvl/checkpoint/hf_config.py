@@ -215,21 +215,13 @@ def original_config_dict(spec: InternVLSpec, dtype: str) -> dict[str, Any]:
             model_type="internlm2",
             bias=lang.qkv_bias,
             attn_implementation="eager",
-            auto_map={
-                "AutoConfig": "configuration_internlm2.InternLM2Config",
-                "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-            },
         )
         if spec.rope_dynamic_factor is not None:
             llm_config["rope_scaling"] = {"type": "dynamic", "factor": spec.rope_dynamic_factor}
+    # No auto_map: the model code (modeling_internvl_chat.py ...) is InternVL's, not shipped
+    # here; the README says how to load this layout with it.
     return {
         "architectures": [ORIGINAL_ARCH],
-        "auto_map": {
-            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-        },
         "model_type": "internvl_chat",
         "vision_config": vision_config,
         "llm_config": llm_config,
@@ -247,3 +239,105 @@ def original_config_dict(spec: InternVLSpec, dtype: str) -> dict[str, Any]:
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
     }
+
+
+# --- the model shape from a config.json (any InternVL-architecture checkpoint) ----------------
+
+_IMG_CONTEXT = "<IMG_CONTEXT>"
+
+
+def _side(value: Any) -> int:
+    """image_size / patch_size: an int, or [h, w] (transformers) with h == w."""
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise ConversionError(f"non-square image or patch size {value} is not supported")
+        return int(value[0])
+    return int(value)
+
+
+def _image_token_id(config: dict[str, Any], hf_dir: Path) -> int:
+    """From the config (native layout) or the tokenizer files next to it (original layout)."""
+    if "image_token_id" in config:
+        return int(config["image_token_id"])
+    tokenizer = hf_dir / "tokenizer.json"
+    if tokenizer.is_file():
+        for token in json.loads(tokenizer.read_text()).get("added_tokens", []):
+            if token.get("content") == _IMG_CONTEXT:
+                return int(token["id"])
+    tokenizer_config = hf_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        added = json.loads(tokenizer_config.read_text()).get("added_tokens_decoder", {})
+        for token_id, token in added.items():
+            if token.get("content") == _IMG_CONTEXT:
+                return int(token_id)
+    raise ConversionError(
+        f"{hf_dir}: no image_token_id in config.json and no {_IMG_CONTEXT} token in its "
+        "tokenizer files; copy the model's tokenizer files next to config.json"
+    )
+
+
+def _rope(text: dict[str, Any]) -> tuple[float, float | None]:
+    """(theta, dynamic-NTK factor or None) from transformers 5 rope_parameters or 4.x fields."""
+    params = text.get("rope_parameters") or {}
+    scaling = text.get("rope_scaling") or {}
+    theta = params.get("rope_theta", text.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    factor = params.get("factor", scaling.get("factor"))
+    return float(theta), (float(factor) if kind == "dynamic" else None)
+
+
+def spec_from_config(config: dict[str, Any], hf_dir: Path | str, name: str) -> InternVLSpec:
+    """The InternVLSpec a checkpoint's config.json describes (either layout): what lets any
+    InternVL-architecture checkpoint convert without a registered flavour."""
+    from megatron_internvl.models.language import LanguageConfig
+    from megatron_internvl.models.registry import InternVLSpec
+    from megatron_internvl.models.vision_config import VisionConfig
+
+    hf_dir = Path(hf_dir)
+    layout, family = detect_internvl(config, str(hf_dir / "config.json"))
+    native = layout == "native"
+    text = config["text_config" if native else "llm_config"]
+    vit = config["vision_config"]
+    theta, dynamic = _rope(text)
+    heads = int(text["num_attention_heads"])
+    hidden = int(text["hidden_size"])
+    qkv_bias = family == "qwen2" or bool(text.get("attention_bias" if native else "bias"))
+    language = LanguageConfig(
+        num_layers=int(text["num_hidden_layers"]),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=int(text.get("num_key_value_heads") or heads),
+        ffn_hidden_size=int(text["intermediate_size"]),
+        vocab_size=int(text["vocab_size"]),
+        kv_channels=int(text.get("head_dim") or hidden // heads),
+        qkv_bias=qkv_bias,
+        norm_eps=float(text["rms_norm_eps"]),
+        rope_theta=theta,
+    )
+    vit_heads = int(vit["num_attention_heads"])
+    norm_type = vit.get("norm_type", "rms_norm")
+    vision = VisionConfig(
+        num_layers=int(vit["num_hidden_layers"]),
+        hidden_size=int(vit["hidden_size"]),
+        num_attention_heads=vit_heads,
+        ffn_hidden_size=int(vit["intermediate_size"]),
+        head_dim=int(vit["hidden_size"]) // vit_heads,
+        norm="LayerNorm" if norm_type == "layer_norm" else "RMSNorm",
+        norm_eps=float(vit["layer_norm_eps"]),
+        qkv_bias=bool(vit["attention_bias" if native else "qkv_bias"]),
+        qk_norm=bool(vit["use_qk_norm" if native else "qk_normalization"]),
+        image_size=_side(vit["image_size"]),
+        patch_size=_side(vit["patch_size"]),
+        layer_scale_init=float(
+            vit.get("layer_scale_init_value" if native else "initializer_factor", 0.1)
+        ),
+    )
+    return InternVLSpec(
+        name=name,
+        vision=vision,
+        language=language,
+        llm_family=family,
+        downsample_ratio=float(config.get("downsample_ratio", 0.5)),
+        image_token_id=_image_token_id(config, hf_dir),
+        rope_dynamic_factor=dynamic,
+    )

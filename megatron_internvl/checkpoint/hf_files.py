@@ -241,3 +241,64 @@ def write_index(out_dir: Path, weight_map: dict[str, str], total_bytes: int) -> 
         "weight_map": dict(sorted(weight_map.items())),
     }
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --- what AutoProcessor needs next to a native export ----------------------------------------
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# InternVL's image tokens as transformers' InternVLProcessor reads them from the tokenizer.
+IMAGE_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+# The `internvl2_5` conversation (ChatML; a default system turn), with an image as the
+# `<IMG_CONTEXT>` placeholder that InternVLProcessor expands to <img> + tokens + </img>.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\n{{ default_system }}<|im_end|>\n"
+    "{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_processor_files(
+    out_dir: Path, image_size: int, tokens_per_tile: int, system_prompt: str, max_tiles: int = 12
+) -> None:
+    """Image processor (InternVL's tiling: square tiles of `image_size`, up to `max_tiles` plus a
+    thumbnail, bicubic, ImageNet normalisation), processor config, chat template, and the image
+    tokens in the tokenizer config, so that AutoProcessor loads the export."""
+    image_processor = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "crop_to_patches": True,
+        "min_patches": 1,
+        "max_patches": max_tiles,
+        "size": {"height": image_size, "width": image_size},
+        "resample": 3,  # bicubic, as InternVL's build_transform
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+        "do_convert_rgb": True,
+    }
+    processor = {"processor_class": "InternVLProcessor", "image_seq_length": tokens_per_tile}
+    for name, record in (
+        ("preprocessor_config.json", image_processor),
+        ("processor_config.json", processor),
+    ):
+        (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
+    template = CHAT_TEMPLATE.replace("{{ default_system }}", system_prompt)
+    (out_dir / "chat_template.jinja").write_text(template)
+    tokenizer_config = out_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        record = json.loads(tokenizer_config.read_text())
+        record.setdefault("extra_special_tokens", {}).update(IMAGE_TOKENS)
+        record["processor_class"] = "InternVLProcessor"
+        tokenizer_config.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")

@@ -11,6 +11,25 @@ from types import TracebackType
 from tqdm import tqdm
 
 GiB = 2**30
+_UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+
+
+def _unit(nbytes: int) -> tuple[int, str, int]:
+    """(scale, name, decimals) that suit `nbytes` (MiB for 40 MiB, not "0.04 GiB")."""
+    scale, unit = next((s, u) for s, u in _UNITS if nbytes >= s or s == 1)
+    return scale, unit, 0 if scale == 1 else 2 if nbytes / scale < 10 else 1
+
+
+def amount(nbytes: int) -> str:
+    """ "1.75 GiB", "40.0 MiB", "512 B"."""
+    scale, unit, digits = _unit(nbytes)
+    return f"{nbytes / scale:.{digits}f} {unit}"
+
+
+def sizes(done: int, total: int) -> str:
+    """ "0.70 of 1.75 GiB", both in the unit that suits `total`."""
+    scale, unit, digits = _unit(total)
+    return f"{done / scale:.{digits}f} of {total / scale:.{digits}f} {unit}"
 
 
 class Progress:
@@ -49,8 +68,8 @@ class Progress:
             self._tenths += 1
             seconds = time.perf_counter() - self._start
             self._log(
-                f"{self._what}: {10 * self._tenths:3d}% ({self.done / GiB:.2f} of "
-                f"{self.total / GiB:.2f} GiB, {seconds:.0f} s)"
+                f"{self._what}: {10 * self._tenths:3d}% ({sizes(self.done, self.total)}, "
+                f"{seconds:.0f} s)"
             )
 
     def close(self) -> None:

@@ -13,28 +13,30 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    dry_run = "--dry-run" in args
-    overrides = [a for a in args if a != "--dry-run"]
+    from megatron_internvl.config.cli import report_user_errors
 
-    from megatron_internvl.config.schema import load_run_config
-    from megatron_internvl.config.validate import RecipeError, validate
+    return report_user_errors(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+
+
+def _main(args: list[str]) -> int:
+    dry_run = "--dry-run" in args
+    argv = [a for a in args if a != "--dry-run"]
+
+    from megatron_internvl.config import cli
+    from megatron_internvl.config.validate import validate
     from megatron_internvl.launch import slurm
-    from megatron_internvl.train import compose
     from megatron_internvl.training.loop import resolved_spec, run_dir
 
-    try:
-        cfg = load_run_config(compose(overrides))
-        cluster = slurm.cluster_config(dict(cfg.cluster))
-        slurm.check_cluster(cluster)
-        spec = resolved_spec(cfg)
-        layout = validate(cfg, spec, cluster.tasks)
-    except (RecipeError, slurm.LaunchError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # Hydra: unknown recipe/cluster name, bad override
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    parsed = cli.parse_args(argv)  # Hydra's flags (--help, --cfg job, --info) and overrides
+    overrides = parsed.overrides
+    cfg = cli.compose_run_config(overrides)
+    if cli.wants_hydra_report(parsed):
+        cli.check_runnable(cfg)
+        return cli.hydra_report(argv, "megatron_internvl.launch")
+    cluster = slurm.cluster_config(dict(cfg.cluster))
+    slurm.check_cluster(cluster)
+    spec = resolved_spec(cfg)
+    layout = validate(cfg, spec, cluster.tasks)
     dp = cluster.tasks // layout.model_parallel
     layout_text = (
         f"tp{layout.tensor} x pp{layout.pipeline} x cp{layout.context} x dp{dp} = "

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_internvl.resources import SLURM_TEMPLATES
 from megatron_internvl.training.signals import REQUEUE_EXIT_CODE
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch.template"
+TEMPLATE = SLURM_TEMPLATES / "train.sbatch.template"
 
 # What a large Megatron run sets; every entry can be overridden by the cluster's `env`.
 DEFAULT_ENV: dict[str, str] = {

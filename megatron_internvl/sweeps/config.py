@@ -9,11 +9,12 @@ compute budgets with the tokens chosen so that every point of a budget spends th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-SWEEP_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "sweep"
+from megatron_internvl.resources import RECIPES
+
+SWEEP_RECIPES = RECIPES / "sweep"
 
 
 class SweepError(ValueError):

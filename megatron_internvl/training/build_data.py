@@ -136,6 +136,7 @@ def data_source(
     """This data-parallel rank's source of micro-batches (shards or synthetic rows), with state."""
     if cfg.data.source == "shards":
         from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, shard_list
+        from megatron_internvl.training.run_dir import shard_set_name
 
         weights = cfg.data.weights or [1.0] * len(cfg.data.shards)
         if len(weights) != len(cfg.data.shards):
@@ -143,7 +144,7 @@ def data_source(
                 f"data.weights has {len(weights)} entries for {len(cfg.data.shards)} shard sets"
             )
         datasets = [
-            DatasetSpec(name=str(path), shards=shard_list([path]), weight=weight)
+            DatasetSpec(name=shard_set_name(path), shards=shard_list([path]), weight=weight)
             for path, weight in zip(cfg.data.shards, weights, strict=True)
         ]
         loader = InternVLLoader(datasets, tokenizer, loader_config(cfg, spec), dp_rank, dp_size)

@@ -43,6 +43,7 @@ from megatron_internvl.training.build_model import (  # noqa: F401 (public names
 from megatron_internvl.training.build_optimizer import build_optimizer, build_scheduler
 from megatron_internvl.training.flops import training_flops
 from megatron_internvl.training.metrics import MetricsLogger
+from megatron_internvl.training.run_dir import claim_run_dir
 from megatron_internvl.training.signals import (
     REQUEUE_EXIT_CODE,
     REQUEUE_FILE_ENV,
@@ -86,6 +87,7 @@ def train(cfg: RunConfig) -> int:
     spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
     owns_world = not dist.is_initialized()  # a caller's world outlives this run
     runtime.initialize(layout, seed=cfg.train.seed)
+    claim_run_dir(cfg, spec)  # before anything is written: one run per directory
     if dist.get_rank() == 0:
         for note in layout_notes(cfg, world):
             print(f"note: {note}", flush=True)

@@ -1,0 +1,149 @@
+"""A run directory belongs to one run.
+
+At first start rank 0 records the run's identity in `<run>/run.json`: the model shape (flavour
+and the exact spec), the seed and the data, identified by content (each dataset's shard names
+and sizes, not its path), so a moved shard folder still resumes and a changed one is refused
+with what changed. `claim_run_dir` runs before anything is written (config.json, TensorBoard,
+checkpoints) and refuses, in one line naming the directory and the ways out:
+- a fresh start (`checkpoint.resume=false`) into a directory holding committed checkpoints;
+- a run whose model, seed or data differ from the recorded ones (resume or not).
+A run that already reached `train.steps` raises `RunAlreadyComplete` (exit 0, nothing written).
+Rank 0 decides and every rank acts on its decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from megatron_internvl.config.errors import ConfigError
+from megatron_internvl.config.schema import RunConfig
+from megatron_internvl.models.registry import InternVLSpec, spec_to_dict
+
+IDENTITY_FILE = "run.json"
+
+
+class RunDirError(ConfigError):
+    """This configuration cannot start or resume in this run directory."""
+
+
+class RunAlreadyComplete(Exception):  # noqa: N818 (not an error: the run is done)
+    """The run already reached train.steps: nothing to do."""
+
+
+def shard_set_identity(path: str) -> dict[str, Any]:
+    """A dataset by content: its shards' file names and sizes, and their fingerprint."""
+    from megatron_internvl.data.loader import shard_list
+
+    if not Path(path).exists():
+        raise RunDirError(f"data.shards: no such directory {path}")
+    if Path(path).is_dir() and not any(Path(path).glob("*.tar")):
+        raise RunDirError(f"data.shards: no .tar shards in {path}")
+    files = {Path(p).name: Path(p).stat().st_size for p in shard_list([path])}
+    digest = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()[:16]
+    return {"fingerprint": digest, "shards": files}
+
+
+def shard_set_name(path: str) -> str:
+    """A dataset's name for the loader's resume state: the same wherever the folder lives."""
+    identity = shard_set_identity(path)
+    return f"{len(identity['shards'])} shards {identity['fingerprint']}"
+
+
+def run_identity(cfg: RunConfig, spec: InternVLSpec) -> dict[str, Any]:
+    """What makes two configurations the same run."""
+    if cfg.data.source == "shards":
+        data: Any = [shard_set_identity(path) for path in cfg.data.shards]
+    else:
+        data = {"source": cfg.data.source, "text_vocab": cfg.data.synthetic_text_vocab}
+    return {"flavour": spec.name, "spec": spec_to_dict(spec), "seed": cfg.train.seed, "data": data}
+
+
+def _data_changes(recorded: Any, current: Any) -> str:
+    if recorded == current:
+        return ""
+    if not (isinstance(recorded, list) and isinstance(current, list)):
+        return f"data {recorded} -> {current}"
+    if len(recorded) != len(current):
+        return f"{len(recorded)} datasets -> {len(current)}"
+    for i, (old, new) in enumerate(zip(recorded, current, strict=True)):
+        before, after = old["shards"], new["shards"]
+        removed = sorted(set(before) - set(after))
+        added = sorted(set(after) - set(before))
+        resized = sorted(n for n in set(before) & set(after) if before[n] != after[n])
+        parts = [
+            f"{label} {names[:3]}{'...' if len(names) > 3 else ''}"
+            for label, names in (("missing", removed), ("new", added), ("resized", resized))
+            if names
+        ]
+        if parts:
+            return f"data.shards[{i}] changed since the run started: " + ", ".join(parts)
+    return ""
+
+
+def _difference(recorded: dict[str, Any], current: dict[str, Any]) -> str:
+    """The first difference between two identities, said for a user ('' if the same run)."""
+    if recorded["spec"] != current["spec"]:
+        what = (
+            f"model {recorded['flavour']}, this config builds {current['flavour']}"
+            if recorded["flavour"] != current["flavour"]
+            else f"model {recorded['flavour']} of another shape than this config's"
+        )
+        return f"it holds a run of {what}"
+    if recorded["seed"] != current["seed"]:
+        return f"it holds a run with train.seed={recorded['seed']}, this one has {current['seed']}"
+    return _data_changes(recorded["data"], current["data"])
+
+
+def _decide(cfg: RunConfig, spec: InternVLSpec) -> tuple[str, str, dict[str, Any] | None]:
+    """('ok' | 'complete' | 'refuse', message, identity to record or None)."""
+    from megatron_internvl.checkpoint.distributed import committed_steps
+
+    out = Path(cfg.output_dir) / cfg.name
+    steps = committed_steps(out / "checkpoints")
+    ways_out = f"use another output_dir= or name= for a new run, or move {out} aside"
+    if steps and not cfg.checkpoint.resume:
+        return (
+            "refuse",
+            f"{out} holds another run's checkpoints (latest step {steps[-1]}) and "
+            f"checkpoint.resume=false would mix them with this run: resume it "
+            f"(checkpoint.resume=true), or {ways_out}",
+            None,
+        )
+    current = run_identity(cfg, spec)
+    record = out / IDENTITY_FILE
+    if record.is_file():
+        difference = _difference(json.loads(record.read_text()), current)
+        if difference:
+            message = f"{out}: {difference}; resume it with its own settings, or {ways_out}"
+            return "refuse", message, None
+    if steps and steps[-1] >= cfg.train.steps:
+        return (
+            "complete",
+            f"{out} already reached step {steps[-1]} (train.steps={cfg.train.steps}): nothing "
+            "to do; raise train.steps to train further",
+            None,
+        )
+    return "ok", "", None if record.is_file() else current
+
+
+def claim_run_dir(cfg: RunConfig, spec: InternVLSpec) -> None:
+    """Collective: check the run directory before anything is written (see the module doc);
+    rank 0 records the identity of a new run. Raises RunDirError or RunAlreadyComplete."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    decision: list[Any] = [_decide(cfg, spec) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    verdict, message, record = decision[0]
+    if verdict == "refuse":
+        raise RunDirError(message)
+    if verdict == "complete":
+        raise RunAlreadyComplete(message)
+    if rank == 0 and record is not None:
+        out = Path(cfg.output_dir) / cfg.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / IDENTITY_FILE).write_text(json.dumps(record, indent=1))
