@@ -54,7 +54,10 @@ from megatron_internvl.data.loader import (  # noqa: E402
 )
 from megatron_internvl.data.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from megatron_internvl.data.prefetch import Prefetcher  # noqa: E402
-from megatron_internvl.data.shards import ShardReader, ShardWriter, read_index  # noqa: E402
+from megatron_internvl.data.samples import SampleConfig, read_sample  # noqa: E402
+from megatron_internvl.data.shard_index import read_index  # noqa: E402
+from megatron_internvl.data.shard_reader import ShardReader  # noqa: E402
+from megatron_internvl.data.shard_writer import ShardWriter  # noqa: E402
 from megatron_internvl.data.tiler import TilerConfig  # noqa: E402
 from megatron_internvl.data.tiling import per_image_cap, tile_plan  # noqa: E402
 
@@ -149,7 +152,7 @@ class InternVLDataset(torch.utils.data.Dataset):
             self.reader = ShardReader()
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         rng = np.random.default_rng(index) if self.jpeg else None
-        raw = self.reader.read(self.entries[index % len(self.entries)])
+        raw = read_sample(self.reader, self.entries[index % len(self.entries)], SampleConfig())
         cap = per_image_cap(12, max(1, len(raw.images)))
         per_image = []
         for data in raw.images:
@@ -157,7 +160,7 @@ class InternVLDataset(torch.utils.data.Dataset):
             tiles = [transform(t, rng) for t in dynamic_preprocess(image, cap)]
             per_image.append(torch.stack(tiles))
         ids, labels = tokenize_conversation(
-            raw.meta["conversations"], [t.shape[0] for t in per_image], self.tokenizer
+            raw.conversations, [t.shape[0] for t in per_image], self.tokenizer
         )
         return (torch.cat(per_image) if per_image else None), ids, labels
 
