@@ -31,14 +31,14 @@ import re
 import warnings
 import zlib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from megatron_internvl.data.chat import IMAGE_PLACEHOLDER, add_image_placeholders
-from megatron_internvl.data.errors import BadSampleError
+from megatron_internvl.data.errors import BadSampleError, DataError
 from megatron_internvl.data.shard_index import SampleEntry
 from megatron_internvl.data.shard_reader import BAD_NAME, TAR_ERROR, ShardReader
 
@@ -79,6 +79,23 @@ class SampleConfig:
     max_turn_chars: int = 65536
     max_image_pixels: int = 36_000_000
     max_sample_pixels: int = 72_000_000
+
+    def __post_init__(self) -> None:
+        limits = {k: v for k, v in vars(self).items() if k.startswith("max_")}
+        wrong = {k: v for k, v in limits.items() if not isinstance(v, int) or v < 1}
+        if wrong:
+            raise DataError(f"data: {wrong} must be positive integers")
+
+
+def sample_config(data: Any) -> SampleConfig:
+    """The `SampleConfig` of a run's data section (`config.schema.DataSection`)."""
+    return SampleConfig(
+        caption_prompts=tuple(data.caption_prompts) or DEFAULT_CAPTION_PROMPTS,
+        caption_min=dict(data.caption_min),
+        **{
+            f.name: getattr(data, f.name) for f in fields(SampleConfig) if f.name.startswith("max_")
+        },
+    )
 
 
 @dataclass

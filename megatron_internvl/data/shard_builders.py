@@ -55,12 +55,16 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def record_images(record: dict[str, Any]) -> list[str]:
+def record_images(record: dict[str, Any], key: str = "?") -> list[Any]:
     """The image paths of a record: `image` may be absent, a string or a list of strings."""
     image = record.get("image", record.get("images"))
     if image is None:
         return []
-    return [image] if isinstance(image, str) else list(image)
+    if isinstance(image, str):
+        return [image]
+    if not isinstance(image, list):
+        raise BadSampleError(key, "malformed record", f"image {image!r} is not a path or a list")
+    return image
 
 
 def image_inside(root: str | os.PathLike, rel: Any, key: str) -> Path:
@@ -102,7 +106,7 @@ def record_to_members(
     conversation = record.get("conversations")
     if not isinstance(conversation, list) or not conversation:
         raise BadSampleError(key, "malformed record", "no 'conversations' list")
-    images = record_images(record)
+    images = record_images(record, key)
     members: dict[str, bytes] = {}
     for i, rel in enumerate(images):
         path = image_inside(image_root, rel, key)

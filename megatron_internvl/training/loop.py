@@ -379,6 +379,7 @@ def data_source(
             LoaderConfig,
             shard_list,
         )
+        from megatron_internvl.data.samples import sample_config
         from megatron_internvl.data.tiler import TilerConfig
 
         weights = cfg.data.weights or [1.0] * len(cfg.data.shards)
@@ -397,6 +398,8 @@ def data_source(
             tokens_per_tile=spec.tokens_per_tile,
             seed=cfg.train.seed,
             skip_check_after=50,
+            max_consecutive_drops=cfg.data.max_consecutive_drops,
+            sample=sample_config(cfg.data),
             tiler=TilerConfig(
                 image_size=spec.vision.image_size,
                 max_num=cfg.data.max_tiles_per_image,
