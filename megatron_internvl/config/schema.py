@@ -135,6 +135,10 @@ class DataSection:
     """Largest image (width x height from its header, before decoding)."""
     max_sample_pixels: int = 72_000_000
     """Largest total of image pixels in one sample."""
+    max_video_frames: int = 4096
+    """Longest video (frames) a sample may hold; counted from the container before decoding."""
+    video_frames: list[int] = field(default_factory=lambda: [8, 32])
+    """[min, max] frames sampled per video (InternVL 2.5: 8 to 32), one tile each."""
     max_consecutive_drops: int = 200
     """The loader stops with an error after this many samples in a row were dropped."""
 

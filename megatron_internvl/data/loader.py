@@ -235,7 +235,9 @@ class InternVLLoader:
             except BadSampleError as error:
                 raws.append(error)
                 continue
-            cap = per_image_cap(self.cfg.tiler.max_num, max(1, len(raw.images)))
+            # InternVL tiles a video frame into one tile, no thumbnail.
+            video = raw.layout == "video"
+            cap = 1 if video else per_image_cap(self.cfg.tiler.max_num, max(1, len(raw.images)))
             qualities = self._quality(ref, len(raw.images))
             jobs += [ImageJob(d, cap, q) for d, q in zip(raw.images, qualities, strict=True)]
             raws.append(raw)

@@ -11,6 +11,9 @@ after the key's first dot):
   `tools/build_shards.py` writes). `<image>` placeholders in human turns take the images in
   order; with none, they are prepended InternVL's way (`chat.add_image_placeholders`);
 - text-only: `<key>.json` with `conversations` and no image member;
+- video: `<key>.mp4|webm` or frames `<key>.frame<nnn>.<ext>` + `<key>.json` with `conversations`
+  (a `<video>` placeholder in the first human turn, or none): frames sampled and prompted as
+  InternVL 2.5 does (`data/video.py`), one tile each;
 - caption (img2dataset): `<key>.<ext>` + `<key>.txt` (+ optional `<key>.json` metadata with no
   `conversations`): a human turn `<image>\\n<prompt>` (a prompt from `caption_prompts`, chosen by
   the key, so it is the same on every read) and the caption as the answer. `caption_min` drops
@@ -41,6 +44,13 @@ from megatron_internvl.data.chat import IMAGE_PLACEHOLDER, add_image_placeholder
 from megatron_internvl.data.errors import BadSampleError, DataError
 from megatron_internvl.data.shard_index import SampleEntry
 from megatron_internvl.data.shard_reader import BAD_NAME, TAR_ERROR, ShardReader
+from megatron_internvl.data.video import (
+    choose_frames,
+    decode_video,
+    frame_members,
+    frame_prompt,
+    video_member,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Image member extensions (last dotted part), the formats DALI and PIL both decode."""
@@ -79,12 +89,18 @@ class SampleConfig:
     max_turn_chars: int = 65536
     max_image_pixels: int = 36_000_000
     max_sample_pixels: int = 72_000_000
+    max_video_frames: int = 4096
+    video_frames: tuple[int, int] = (8, 32)
+    """Frames per video sample are drawn from this inclusive range (InternVL 2.5: 8 to 32)."""
 
     def __post_init__(self) -> None:
         limits = {k: v for k, v in vars(self).items() if k.startswith("max_")}
         wrong = {k: v for k, v in limits.items() if not isinstance(v, int) or v < 1}
         if wrong:
             raise DataError(f"data: {wrong} must be positive integers")
+        low, high = self.video_frames
+        if not 1 <= low <= high:
+            raise DataError(f"data.video_frames={list(self.video_frames)}: need 1 <= min <= max")
 
 
 def sample_config(data: Any) -> SampleConfig:
@@ -92,6 +108,7 @@ def sample_config(data: Any) -> SampleConfig:
     return SampleConfig(
         caption_prompts=tuple(data.caption_prompts) or DEFAULT_CAPTION_PROMPTS,
         caption_min=dict(data.caption_min),
+        video_frames=tuple(data.video_frames),
         **{
             f.name: getattr(data, f.name) for f in fields(SampleConfig) if f.name.startswith("max_")
         },
@@ -104,7 +121,7 @@ class ParsedSample:
 
     name: str
     layout: str
-    """"conversation", "caption" or "text"."""
+    """"conversation", "caption", "text" or "video" (its images are frames: one tile each)."""
     conversations: list[dict[str, str]]
     images: list[bytes]
     image_sizes: list[tuple[int, int]]
@@ -121,6 +138,10 @@ def parse_sample(name: str, exts: Collection[str], read: Reader, cfg: SampleConf
     meta: dict[str, Any] = {}
     if "json" in exts:
         meta = load_json(read("json", cfg.max_json_bytes), name, cfg)
+    if "conversations" in meta and (video_member(exts) or frame_members(exts)):
+        if image_exts:
+            raise BadSampleError(name, "ambiguous images", f"video with images {image_exts}")
+        return _parse_video(name, exts, meta, read, cfg)
     if "conversations" in meta:
         order = _image_order(name, meta, image_exts, exts)
         conversation = check_conversation(name, meta["conversations"], cfg)
@@ -139,6 +160,39 @@ def parse_sample(name: str, exts: Collection[str], read: Reader, cfg: SampleConf
     _check_pixels(name, sizes, cfg)
     conversation = _place_images(name, conversation, len(images))
     return ParsedSample(name, layout, conversation, images, sizes, meta)
+
+
+def _parse_video(
+    name: str, exts: Collection[str], meta: dict[str, Any], read: Reader, cfg: SampleConfig
+) -> ParsedSample:
+    conversation = check_conversation(name, meta["conversations"], cfg)
+    if not any(t["from"] == "human" for t in conversation) or any(
+        IMAGE_PLACEHOLDER in t["value"] for t in conversation if t["from"] == "human"
+    ):
+        raise BadSampleError(name, "placeholder mismatch", "a video needs a human turn, no <image>")
+    key = name.rpartition(":")[2]
+    frames, video = frame_members(exts), video_member(exts)
+    if frames and video:
+        raise BadSampleError(name, "ambiguous images", f"{video} and frames {frames[:3]}...")
+    if frames:
+        if len(frames) > cfg.max_video_frames:
+            raise BadSampleError(
+                name, "over max_video_frames", f"{len(frames)} > {cfg.max_video_frames}"
+            )
+        picks = choose_frames(key, len(frames), cfg.video_frames)
+        images = [read(frames[i], cfg.max_member_bytes) for i in picks]
+    else:
+        assert video is not None
+        images = decode_video(
+            read(video, cfg.max_member_bytes),
+            name,
+            lambda vlen: choose_frames(key, vlen, cfg.video_frames),
+            cfg.max_image_pixels,
+            cfg.max_video_frames,
+        )
+    sizes = [image_header_size(data, name, f"frame {i}") for i, data in enumerate(images)]
+    _check_pixels(name, sizes, cfg)
+    return ParsedSample(name, "video", frame_prompt(conversation, len(images)), images, sizes, meta)
 
 
 def _what_is_missing(exts: Collection[str], image_exts: list[str]) -> tuple[str, str]:
