@@ -219,14 +219,19 @@ def test_img2dataset_folder_converts_through_the_cli(tmp_path, capsys):
     code = build_main(["--img2dataset", str(tmp_path / "laion"), "--out", str(tmp_path / "out"),
                        "--no-progress"])  # fmt: skip
     out = capsys.readouterr().out
-    assert code == 1 and "wrote 3 samples (3 images" in out and "000000003.jpg" in out
+    assert (
+        code == 1
+        and "wrote 3 samples (3 images, 0 videos, 0 text-only" in out
+        and "000000003.jpg" in out
+    )
     report = validate_shards(sorted(map(str, (tmp_path / "out").glob("*.tar"))))
     assert report.good == 3 and not report.bad and not report.index_problems
 
 
 def world_demo_shards(out: Path) -> None:
     """The demo data as the world writes it: webdataset's ShardWriter, LLaVA single-image,
-    numbered multi-image and text-only samples, plus img2dataset-style captions; no index."""
+    numbered multi-image, video and text-only samples, plus img2dataset-style captions; no
+    index."""
     records = json.loads((ROOT / "demo" / "data" / "demo.json").read_text())
     out.mkdir(parents=True)
     with wds.ShardWriter(str(out / "world-%04d.tar"), maxcount=12, verbose=0) as writer:
@@ -234,6 +239,8 @@ def world_demo_shards(out: Path) -> None:
             images = record.get("image") or []
             images = [images] if isinstance(images, str) else images
             sample = {"__key__": f"rec{n:04d}", "json": json.dumps(record)}
+            if "video" in record:
+                sample["mp4"] = (ROOT / "demo" / "data" / record["video"]).read_bytes()
             for i, rel in enumerate(images):
                 data = (ROOT / "demo" / "data" / rel).read_bytes()
                 sample["jpg" if len(images) == 1 else f"{i}.jpg"] = data

@@ -205,9 +205,9 @@ def test_cli_builds_and_validates_the_demo_data(tmp_path, capsys):
     from tools.validate_shards import main as validate_main
 
     assert build_main(["--demo", "--out", str(tmp_path), "--max-samples", "8"]) == 0
-    assert "wrote 30 samples" in capsys.readouterr().out
+    assert "wrote 31 samples (31 images, 1 videos, 3 text-only" in capsys.readouterr().out
     assert validate_main([str(tmp_path), "--no-progress"]) == 0
-    assert "30 good sample(s), 0 bad" in capsys.readouterr().out
+    assert "31 good sample(s), 0 bad" in capsys.readouterr().out
 
 
 def test_demo_data_is_small_and_complete():
@@ -222,6 +222,13 @@ def test_demo_data_is_small_and_complete():
     assert any("image" not in r for r in records)
     shapes = [np.asarray(Image.open(demo / "data" / i)).shape for i in sorted(images)]
     assert all(max(s[:2]) <= 320 and s[2] == 3 for s in shapes)
+    (clip,) = [r["video"] for r in records if "video" in r]
+    import av
+
+    with av.open(str(demo / "data" / clip)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) >= 32 and frames[0].shape == (96, 128, 3)
+    assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 10  # it moves
 
 
 def test_validator_reports_and_fixes_missing_or_stale_indexes(tmp_path, capsys):

@@ -142,3 +142,22 @@ def test_validator_and_loader_take_videos_one_tile_per_frame(video_shard, caplog
         tiles = payloads[f"{shard}:{key}"].tiles
         assert len(tiles) == len(choose_frames(key, vlen, (4, 6)))
         assert all(t.shape[0] == 1 for t in tiles)  # one tile per frame, no thumbnail
+
+
+def test_the_demo_clip_trains_as_frames_from_the_demo_shards(tmp_path):
+    from tools.build_shards import main as build_main
+
+    assert build_main(["--demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    (shard,) = map(str, tmp_path.glob("*.tar"))
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "demo" / "tokenizer")
+    cfg = LoaderConfig(
+        seq_length=512, max_tiles_per_row=12, tokens_per_tile=4, shuffle=False, read_ahead=31,
+        tiler=TilerConfig(image_size=56, max_num=4, batch_size=8),
+        sample=SampleConfig(video_frames=(4, 8)),  # as recipes/recipe/demo_cpu_shards.yaml
+    )  # fmt: skip
+    loader = InternVLLoader([DatasetSpec("demo", (shard,))], tokenizer, cfg)
+    loader._fill()  # the 31 demo samples
+    assert not loader.skips and loader.packer.stats.samples_packed == 31
+    rows = loader.ready + loader.packer.flush()
+    (clip,) = [p for row in rows for p in row.payloads if p.name.endswith(":000000030")]
+    assert 4 <= len(clip.tiles) <= 8 and all(t.shape == (1, 56, 56, 3) for t in clip.tiles)

@@ -3,7 +3,8 @@
 - LLaVA/InternVL records (`.json` list or `.jsonl`, `image` a path or a list of paths relative
   to an image root): `<key>.<ext>` (one image) or `<key>.<n>.<ext>` (several) + `<key>.json` with
   the record's fields; image bytes are copied, never re-encoded. A record with no `<image>`
-  placeholder gets them InternVL's way. Every image path must stay inside the image root.
+  placeholder gets them InternVL's way. A record with `video` (an .mp4/.webm path, InternVL's
+  field) gets a `<key>.mp4|webm` member instead. Every path must stay inside the image root.
 - img2dataset output in its "files" format (`<dir>/<nnnnn>/<key>.jpg` + `.txt` + `.json`): the
   same three members per sample. Its "webdataset" format is already shards: train on it as is.
 
@@ -30,6 +31,7 @@ from megatron_internvl.data.samples import (
     image_header_size,
 )
 from megatron_internvl.data.shard_writer import ShardWriter
+from megatron_internvl.data.video import VIDEO_EXTS
 
 
 # --- LLaVA records --------------------------------------------------------------------------
@@ -107,6 +109,13 @@ def record_to_members(
     if not isinstance(conversation, list) or not conversation:
         raise BadSampleError(key, "malformed record", "no 'conversations' list")
     images = record_images(record, key)
+    if "video" in record:
+        if images:
+            raise BadSampleError(key, "malformed record", "both 'image' and 'video'")
+        return {
+            "json": _record_json(record, conversation),
+            **_video_member(record, image_root, key, cfg),
+        }
     members: dict[str, bytes] = {}
     for i, rel in enumerate(images):
         path = image_inside(image_root, rel, key)
@@ -116,9 +125,29 @@ def record_to_members(
         conversation = add_image_placeholders(conversation, len(images), key)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise BadSampleError(key, "placeholder mismatch", str(error)) from error
-    meta = {k: v for k, v in record.items() if k not in ("image", "images", "conversations")}
+    return {"json": _record_json(record, conversation), **members}
+
+
+def _record_json(record: dict[str, Any], conversation: list) -> bytes:
+    drop = ("image", "images", "video", "conversations")
+    meta = {k: v for k, v in record.items() if k not in drop}
     meta["conversations"] = conversation
-    return {"json": json.dumps(meta, ensure_ascii=False).encode(), **members}
+    return json.dumps(meta, ensure_ascii=False).encode()
+
+
+def _video_member(
+    record: dict[str, Any], root: str | os.PathLike, key: str, cfg: SampleConfig
+) -> dict[str, bytes]:
+    path = image_inside(root, record["video"], key)
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in VIDEO_EXTS:
+        raise BadSampleError(key, "unsupported video", f"{path}: use .mp4 or .webm")
+    try:
+        if path.stat().st_size > cfg.max_member_bytes:
+            raise BadSampleError(key, "over max_member_bytes", f"{path}")
+        return {ext: path.read_bytes()}
+    except OSError as error:
+        raise BadSampleError(key, "missing video", f"{path} ({error.strerror})") from error
 
 
 # --- building -------------------------------------------------------------------------------
@@ -129,6 +158,7 @@ class BuildSummary:
     shards: list[Path] = field(default_factory=list)
     written: int = 0
     images: int = 0
+    videos: int = 0
     text_only: int = 0
     bytes: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -138,15 +168,18 @@ class BuildSummary:
     def add(self, members: dict[str, bytes]) -> None:
         """Count one written sample."""
         images = sum(ext.rpartition(".")[2] in IMAGE_EXTS for ext in members)
+        videos = sum(ext in VIDEO_EXTS for ext in members)
         self.written += 1
         self.images += images
-        self.text_only += images == 0
+        self.videos += videos
+        self.text_only += images + videos == 0
         self.bytes += sum(len(d) for d in members.values())
 
     def format(self) -> str:
         """A few lines for the console."""
         lines = [
-            f"wrote {self.written} samples ({self.images} images, {self.text_only} text-only, "
+            f"wrote {self.written} samples ({self.images} images, {self.videos} videos, "
+            f"{self.text_only} text-only, "
             f"{self.bytes / 1e6:.1f} MB) into {len(self.shards)} shard(s)",
         ]
         if self.skipped:
