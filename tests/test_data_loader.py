@@ -353,7 +353,7 @@ def test_demo_data_loads_end_to_end_at_internvl_sizes(tmp_path):
     from megatron_internvl.data.demo_data import build_demo_shards, demo_tokenizer
 
     summary = build_demo_shards(tmp_path)
-    assert summary.written == 30 and not summary.skipped
+    assert summary.written == 31 and not summary.skipped  # 30 records and the clip
     tokenizer = demo_tokenizer()
     shards = tuple(str(p) for p in summary.shards)
     loader = InternVLLoader([DatasetSpec("demo", shards)], tokenizer, LoaderConfig(seq_length=8192))
