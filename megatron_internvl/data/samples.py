@@ -415,9 +415,8 @@ def check_tar_sample(name: str, members: dict[str, bytes], cfg: SampleConfig) ->
     too_big = [ext for ext in members if ext.startswith("__too_big__.")]
     if too_big:
         ext = too_big[0].split(".", 1)[1]
-        raise BadSampleError(
-            name, "over max_member_bytes", f".{ext} is {members[too_big[0]].decode()} bytes"
-        )
+        size = members[too_big[0]].decode()
+        raise BadSampleError(name, f"over {_limit_name(ext)}", f".{ext} is {size} bytes")
 
     def read(ext: str, limit: int) -> bytes:
         if ext not in members:
