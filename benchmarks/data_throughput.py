@@ -271,6 +271,7 @@ def run_ours(shards, tokenizer_dir: str, samples: int, prefetch: int, args) -> R
     cfg = LoaderConfig(
         seq_length=args.seq_length,
         shuffle=False,
+        read_ahead=args.read_ahead,
         tiler=TilerConfig(
             num_threads=args.threads,
             device_id=0 if args.device == "gpu" else None,
@@ -328,6 +329,7 @@ def main() -> None:
     parser.add_argument("--no-jpeg", dest="jpeg", action="store_false", help="both: no JPEG aug")
     parser.add_argument("--resize", default="auto", choices=["auto", "dali", "host"])
     parser.add_argument("--repeats", type=int, default=3, help="rounds, pipelines interleaved")
+    parser.add_argument("--read-ahead", type=int, default=32, help="ours: samples per fill")
     parser.add_argument("--layout", choices=list(LAYOUTS), default="mixed", help="shards made")
     args = parser.parse_args()
     if args.device == "gpu" and not torch.cuda.is_available():
