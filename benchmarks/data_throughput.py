@@ -1,11 +1,14 @@
 """Data throughput: our loader (DALI tiling + chat tokens + packing) vs InternVL's own path.
 
 Usage: python benchmarks/data_throughput.py [--device cpu|gpu] [--no-jpeg] [--samples 160]
-       [--repeats 3] [--shards DIR] [--tokenizer DIR]
+       [--repeats 3] [--shards DIR] [--tokenizer DIR] [--layout mixed|caption|video]
 
-Both read the same shards in the same run, rounds interleaved. Without --shards, shards of
-scikit-image photos at camera-like sizes (one to three images per sample, some text-only) are
-written to a temp folder.
+Both read the same shards in the same run, rounds interleaved. Without --shards, shards are
+written to a temp folder: `mixed`, scikit-image photos at camera-like sizes (one to three images
+per sample, some text-only, conversations); `caption`, one photo + `.txt` caption per sample
+(img2dataset's layout); `video`, an .mp4 clip per sample (48 frames of 320x240 panning over a
+photo), for which the baseline is InternVL's video path (frames from the decoder, here PyAV as
+decord is not installed, `dynamic_preprocess(max_num=1)` and the transform per frame).
 
 - ours: `InternVLLoader` end to end (read, DALI decode, bicubic resizes (`--device cpu`: torch's
   uint8 kernel on `--threads` host threads; `gpu`: DALI "mixed" decoding and GPU resize), JPEG
@@ -54,9 +57,13 @@ from megatron_internvl.data.loader import (  # noqa: E402
 )
 from megatron_internvl.data.pixels import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from megatron_internvl.data.prefetch import Prefetcher  # noqa: E402
-from megatron_internvl.data.shards import ShardReader, ShardWriter, read_index  # noqa: E402
+from megatron_internvl.data.samples import SampleConfig, read_sample  # noqa: E402
+from megatron_internvl.data.shard_index import read_index  # noqa: E402
+from megatron_internvl.data.shard_reader import ShardReader  # noqa: E402
+from megatron_internvl.data.shard_writer import ShardWriter  # noqa: E402
 from megatron_internvl.data.tiler import TilerConfig  # noqa: E402
 from megatron_internvl.data.tiling import per_image_cap, tile_plan  # noqa: E402
+from megatron_internvl.data.video import choose_frames  # noqa: E402
 
 S = 448
 QUALITIES = (75, 100)  # InternVL's build_transform: qualities = range(75, 101)
@@ -68,6 +75,52 @@ def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its children that have exited."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
+
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
+
+
+def photo_jpeg(k: int, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    photo = getattr(skimage.data, PHOTOS[k % len(PHOTOS)])()
+    Image.fromarray(photo).resize(size).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_caption_shards(out: Path, n: int, seed: int = 0) -> tuple[str, ...]:
+    """n img2dataset-style samples: one photo at 300..2000 px sides + a caption."""
+    rng = np.random.default_rng(seed)
+    with ShardWriter(out, "caption", max_samples=64) as writer:
+        for k in range(n):
+            size = (int(rng.integers(300, 2000)), int(rng.integers(300, 1500)))
+            meta = {"width": size[0], "height": size[1], "similarity": 0.3}
+            writer.write({"jpg": photo_jpeg(k, size), "txt": b"A photograph of a cat. " * 4,
+                          "json": json.dumps(meta).encode()})  # fmt: skip
+    return tuple(str(p) for p in writer.paths)
+
+
+def make_video_shards(out: Path, n: int, frames: int = 48) -> tuple[str, ...]:
+    """n samples of one .mp4 clip each (a 320x240 window panning across a photo)."""
+    import av
+
+    question = {"from": "human", "value": "<video>\nWhat does the camera do?"}
+    meta = {"conversations": [question, {"from": "gpt", "value": "It pans to the right."}]}
+    with ShardWriter(out, "video", max_samples=16) as writer:
+        for k in range(n):
+            photo = np.asarray(Image.fromarray(getattr(skimage.data, PHOTOS[k % 5])()).resize(
+                (640, 480)).convert("RGB"))  # fmt: skip
+            buffer = io.BytesIO()
+            with av.open(buffer, "w", format="mp4") as container:
+                stream = container.add_stream("mpeg4", rate=25)
+                stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+                for i in range(frames):
+                    window = np.ascontiguousarray(photo[100:340, 6 * i : 6 * i + 320])
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(window, "rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+            writer.write({"mp4": buffer.getvalue(), "json": json.dumps(meta).encode()})
+    return tuple(str(p) for p in writer.paths)
 
 
 def make_shards(out: Path, n: int, seed: int = 0) -> tuple[str, ...]:
@@ -149,17 +202,39 @@ class InternVLDataset(torch.utils.data.Dataset):
             self.reader = ShardReader()
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         rng = np.random.default_rng(index) if self.jpeg else None
-        raw = self.reader.read(self.entries[index % len(self.entries)])
-        cap = per_image_cap(12, max(1, len(raw.images)))
+        entry = self.entries[index % len(self.entries)]
+        if "mp4" in entry.members:
+            frames, conversation = self.video_frames(entry)
+            cap = 1  # InternVL: one tile per frame
+        else:
+            raw = read_sample(self.reader, entry, SampleConfig())
+            frames = [Image.open(io.BytesIO(d)).convert("RGB") for d in raw.images]
+            conversation = raw.conversations
+            cap = per_image_cap(12, max(1, len(frames)))
         per_image = []
-        for data in raw.images:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
+        for image in frames:
             tiles = [transform(t, rng) for t in dynamic_preprocess(image, cap)]
             per_image.append(torch.stack(tiles))
         ids, labels = tokenize_conversation(
-            raw.meta["conversations"], [t.shape[0] for t in per_image], self.tokenizer
+            conversation, [t.shape[0] for t in per_image], self.tokenizer
         )
         return (torch.cat(per_image) if per_image else None), ids, labels
+
+    def video_frames(self, entry) -> tuple[list[Image.Image], list[dict]]:
+        """InternVL's `read_frames_decord` with PyAV: the chosen frames as PIL images."""
+        import av
+
+        meta = json.loads(self.reader.read_member(entry, "json"))
+        with av.open(io.BytesIO(self.reader.read_member(entry, "mp4"))) as container:
+            stream = container.streams.video[0]
+            vlen = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            wanted = set(choose_frames(entry.key, vlen, (8, 32)))
+            container.seek(0)
+            frames = [f.to_image() for i, f in enumerate(container.decode(stream)) if i in wanted]
+        lines = "\n".join(f"Frame-{i + 1}: <image>" for i in range(len(frames)))
+        turns = [dict(t) for t in meta["conversations"]]
+        turns[0]["value"] = turns[0]["value"].replace("<video>\n", lines + "\n")
+        return frames, turns
 
 
 def run_baseline(shards, tokenizer_dir: str, samples: int, workers: int, jpeg: bool) -> Result:
@@ -196,6 +271,7 @@ def run_ours(shards, tokenizer_dir: str, samples: int, prefetch: int, args) -> R
     cfg = LoaderConfig(
         seq_length=args.seq_length,
         shuffle=False,
+        read_ahead=args.read_ahead,
         tiler=TilerConfig(
             num_threads=args.threads,
             device_id=0 if args.device == "gpu" else None,
@@ -233,6 +309,14 @@ def machine(device: str) -> str:
     return text
 
 
+LAYOUTS = {
+    "mixed": (make_shards, 200),
+    "caption": (make_caption_shards, 200),
+    "video": (make_video_shards, 32),
+}
+"""--layout -> (shard maker, samples written)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="ours: DALI on")
@@ -245,6 +329,8 @@ def main() -> None:
     parser.add_argument("--no-jpeg", dest="jpeg", action="store_false", help="both: no JPEG aug")
     parser.add_argument("--resize", default="auto", choices=["auto", "dali", "host"])
     parser.add_argument("--repeats", type=int, default=3, help="rounds, pipelines interleaved")
+    parser.add_argument("--read-ahead", type=int, default=32, help="ours: samples per fill")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="mixed", help="shards made")
     args = parser.parse_args()
     if args.device == "gpu" and not torch.cuda.is_available():
         parser.error("--device gpu: torch sees no CUDA device")
@@ -254,7 +340,8 @@ def main() -> None:
     runs: dict[str, list[Result]] = {name: [] for name in ours + theirs}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        shards = shard_list([args.shards]) if args.shards else make_shards(Path(tmp), 200)
+        make, count = LAYOUTS[args.layout]
+        shards = shard_list([args.shards]) if args.shards else make(Path(tmp), count)
         # Rounds interleave the pipelines so that load from other processes hits all of them.
         for _ in range(args.repeats):
             for prefetch, name in zip((0, 2), ours, strict=True):
@@ -266,7 +353,10 @@ def main() -> None:
     print(f"\nmachine: {machine(args.device)}")
     load_after = os.getloadavg()
     print(f"load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}")
-    print(f"{args.repeats} rounds of {args.samples} samples, {jpeg}; best and median of rounds")
+    print(
+        f"{args.layout} shards; {args.repeats} rounds of {args.samples} samples, {jpeg}; best and "
+        "median of rounds"
+    )
     print(
         f"{'pipeline':46s} {'samples/s':>9s} {'tiles/s':>8s} {'median tiles/s':>15s} "
         f"{'CPU ms/tile':>11s}"

@@ -14,14 +14,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from megatron_internvl.data.dali_pipeline import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ShardDecodeError,
-    TiledImageLoader,
-    TilingPipelineConfig,
-    write_index,
-)
+from megatron_internvl.data.pixels import IMAGENET_MEAN, IMAGENET_STD
+from megatron_internvl.data.shard_index import write_index
+from tests.dali_reader import ShardDecodeError, TiledImageLoader, TilingPipelineConfig
 from tests.test_data_tiling import random_sizes, reference_grid
 
 S = 448

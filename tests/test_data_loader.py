@@ -24,7 +24,10 @@ from megatron_internvl.data.loader import (
     TooManyBadSamplesError,
 )
 from megatron_internvl.data.pixels import normalize_tiles
-from megatron_internvl.data.shards import ShardReader, ShardWriter, read_index
+from megatron_internvl.data.samples import SampleConfig, read_sample
+from megatron_internvl.data.shard_index import read_index
+from megatron_internvl.data.shard_reader import ShardReader
+from megatron_internvl.data.shard_writer import ShardWriter
 from megatron_internvl.data.tiler import ImageJob, ImageTiler, TilerConfig
 from megatron_internvl.data.tiling import choose_grid
 
@@ -124,12 +127,12 @@ def test_micro_batch_matches_forward_step_contract(data, tokenizer):
         assert slots == TPT * tiles == TPT * int(batch["tile_counts"].sum())
         expected, expected_ids = [], []
         for name in batch["sample_keys"]:
-            raw = reader.read(names[name])
+            raw = read_sample(reader, names[name], SampleConfig())
             cap = max(1, 6 // max(1, len(raw.images)))
             per_image = reference.tile([ImageJob(d, cap) for d in raw.images])
             expected += per_image
             ids, _ = tokenize_conversation(
-                raw.meta["conversations"], [t.shape[0] for t in per_image], tokenizer, TPT, None
+                raw.conversations, [t.shape[0] for t in per_image], tokenizer, TPT, None
             )
             expected_ids += ids
             saw_multi |= len(raw.images) > 1
@@ -297,7 +300,7 @@ def test_each_kind_of_bad_sample_is_skipped_counted_and_logged(tmp_path, tokeniz
 
 def test_too_many_skips_stop_the_run(tmp_path, tokenizer):
     good = {"json": meta(1), "0.jpg": GOOD}
-    bad = {"json": meta(1, placeholders=0), "0.jpg": GOOD}
+    bad = {"json": meta(1, placeholders=2), "0.jpg": GOOD}
     with ShardWriter(tmp_path, "half", max_samples=None, max_bytes=1 << 30) as writer:
         for k in range(20):
             writer.write(bad if k % 2 else good)
@@ -330,7 +333,7 @@ def test_gpu_tiler_matches_the_cpu_one(data, quality):
     resizers', IDCTs' and encoders' difference of the CPU tiles (host resize, PIL per tile),
     and a float batch on the GPU. Ran on an H200 (2026-11-26)."""
     reader = ShardReader()
-    raws = [reader.read(e) for e in read_index(data["a"][0])]
+    raws = [read_sample(reader, e, SampleConfig()) for e in read_index(data["a"][0])]
     jobs = [ImageJob(d, 6, 90) for raw in raws for d in raw.images]
     q = None if quality is None else (quality, quality)
     cpu = ImageTiler(TilerConfig(image_size=S, jpeg_quality=q)).tile(jobs)
@@ -350,7 +353,7 @@ def test_demo_data_loads_end_to_end_at_internvl_sizes(tmp_path):
     from megatron_internvl.data.demo_data import build_demo_shards, demo_tokenizer
 
     summary = build_demo_shards(tmp_path)
-    assert summary.written == 30 and not summary.skipped
+    assert summary.written == 31 and not summary.skipped  # 30 records and the clip
     tokenizer = demo_tokenizer()
     shards = tuple(str(p) for p in summary.shards)
     loader = InternVLLoader([DatasetSpec("demo", shards)], tokenizer, LoaderConfig(seq_length=8192))

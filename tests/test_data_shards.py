@@ -1,11 +1,11 @@
-"""build_shards writes the documented format (which our reader and DALI's webdataset reader read
-back byte for byte), and validate_shards names every bad sample and writes clean shards."""
+"""build_shards writes the standard layouts (which our reader and DALI's webdataset reader read
+back byte for byte), and validate_shards names every bad sample, writes clean shards only where
+it may, and repairs or refuses indexes."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -14,14 +14,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from megatron_internvl.data.shards import (
-    ShardReader,
-    ShardWriter,
-    build_shards,
-    load_records,
-    read_index,
-    validate_shards,
-)
+from megatron_internvl.data.samples import SampleConfig, read_sample
+from megatron_internvl.data.shard_builders import build_shards, load_records
+from megatron_internvl.data.shard_index import read_index
+from megatron_internvl.data.shard_reader import ShardReader
+from megatron_internvl.data.shard_validation import validate_shards
+from megatron_internvl.data.shard_writer import ShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,47 +65,50 @@ def members_of(tar_path):
 def test_builder_writes_documented_members_and_index(tmp_path, image_root):
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in good_records()))
-    summary = build_shards(load_records(jsonl), image_root, tmp_path / "out", progress=False)
+    summary = build_shards(load_records(jsonl), image_root, tmp_path / "out", progress_bar=False)
     assert summary.written == 4 and summary.images == 4 and summary.text_only == 1
     assert not summary.skipped
     (shard,) = summary.shards
+    assert shard.name == "shard-000000.tar"
     members = members_of(shard)
-    stem = shard.stem
     assert sorted(members) == sorted(
-        [f"{stem}_000000.json", f"{stem}_000000.0.jpg", f"{stem}_000001.json",
-         f"{stem}_000001.0.png", f"{stem}_000002.json", f"{stem}_000002.0.webp",
-         f"{stem}_000002.1.jpg", f"{stem}_000003.json"]
+        ["000000000.json", "000000000.jpg", "000000001.json", "000000001.png",
+         "000000002.json", "000000002.0.webp", "000000002.1.jpg", "000000003.json"]
     )  # fmt: skip
     # Image bytes are copied, not re-encoded.
-    assert members[f"{stem}_000002.0.webp"] == (image_root / "rocket.webp").read_bytes()
-    meta = json.loads(members[f"{stem}_000001.json"])
-    assert meta["id"] == "none_placed" and meta["source"] == "x" and meta["images"] == ["0.png"]
+    assert members["000000002.0.webp"] == (image_root / "rocket.webp").read_bytes()
+    meta = json.loads(members["000000001.json"])
+    assert meta["id"] == "none_placed" and meta["source"] == "x"
     # No placeholder in the record: inserted InternVL's way.
     assert meta["conversations"][0]["value"] == "<image>\nwhat?"
-    assert json.loads(members[f"{stem}_000003.json"])["images"] == []
     # The index finds every member, and the reader returns the stored bytes.
     entries = read_index(shard)
-    assert [e.key for e in entries] == [f"{stem}_{n:06d}" for n in range(4)]
-    reader = ShardReader()
-    raw = reader.read(entries[2])
-    assert raw.meta["id"] == "two"
+    assert [e.key for e in entries] == [f"{n:09d}" for n in range(4)]
+    reader, cfg = ShardReader(), SampleConfig()
+    raw = read_sample(reader, entries[2], cfg)
+    assert raw.meta["id"] == "two" and raw.layout == "conversation"
     assert raw.images == [
         (image_root / "rocket.webp").read_bytes(),
         (image_root / "cat.jpg").read_bytes(),
     ]
-    assert reader.read(entries[3]).images == []
+    text = read_sample(reader, entries[3], cfg)
+    assert text.images == [] and text.layout == "text"
 
 
 def test_shard_size_by_count_and_by_bytes(tmp_path, image_root):
     records = good_records() * 3  # 12 samples
-    by_count = build_shards(records, image_root, tmp_path / "c", max_samples=5, progress=False)
+    by_count = build_shards(records, image_root, tmp_path / "c", max_samples=5, progress_bar=False)
     assert [len(read_index(p)) for p in by_count.shards] == [5, 5, 2]
+    assert [p.name for p in by_count.shards] == [f"shard-{n:06d}.tar" for n in range(3)]
     limit = 40_000
     by_bytes = build_shards(
-        records, image_root, tmp_path / "b", max_samples=None, max_bytes=limit, progress=False
+        records, image_root, tmp_path / "b", max_samples=None, max_bytes=limit, progress_bar=False
     )
     assert len(by_bytes.shards) > 1
-    assert all(os.path.getsize(p) <= limit + 10_240 for p in by_bytes.shards)  # + tar trailer
+    # webdataset closes a shard once its member bytes reach max_bytes (tar headers not counted).
+    for shard in by_bytes.shards[:-1]:
+        payload = [sum(size for _, size in e.members.values()) for e in read_index(shard)]
+        assert sum(payload[:-1]) < limit <= sum(payload)
     assert sum(len(read_index(p)) for p in by_bytes.shards) == 12
     assert all(p.with_suffix(".idx").exists() for p in by_bytes.shards)
 
@@ -123,7 +124,7 @@ def test_builder_skips_and_reports_bad_records(tmp_path, image_root):
          "conversations": [turn("human", "<image> <image>"), turn("gpt", "y")]},
         {"id": "empty", "image": "cat.jpg"},
     ]  # fmt: skip
-    summary = build_shards(records, image_root, tmp_path / "out", progress=False)
+    summary = build_shards(records, image_root, tmp_path / "out", progress_bar=False)
     assert summary.written == 1
     assert summary.skipped == {
         "missing image": 1,
@@ -137,12 +138,12 @@ def test_builder_skips_and_reports_bad_records(tmp_path, image_root):
 
 
 def test_dali_webdataset_reader_reads_the_shards(tmp_path, image_root):
-    from megatron_internvl.data.dali_pipeline import TiledImageLoader, TilingPipelineConfig
+    from tests.dali_reader import TiledImageLoader, TilingPipelineConfig
 
     records = [good_records()[0]] * 3
-    summary = build_shards(records, image_root, tmp_path / "out", progress=False)
+    summary = build_shards(records, image_root, tmp_path / "out", progress_bar=False)
     shard = str(summary.shards[0])
-    cfg = TilingPipelineConfig(image_ext="0.jpg", batch_size=2, max_num=2)
+    cfg = TilingPipelineConfig(image_ext="jpg", batch_size=2, max_num=2)
     loader = TiledImageLoader([shard], [str(Path(shard).with_suffix(".idx"))], cfg)
     samples = [s for batch in loader for s in batch]
     assert [s.key for s in samples] == [f"{shard}:{e.key}" for e in read_index(shard)]
@@ -204,9 +205,9 @@ def test_cli_builds_and_validates_the_demo_data(tmp_path, capsys):
     from tools.validate_shards import main as validate_main
 
     assert build_main(["--demo", "--out", str(tmp_path), "--max-samples", "8"]) == 0
-    assert "wrote 30 samples" in capsys.readouterr().out
+    assert "wrote 31 samples (31 images, 1 videos, 3 text-only" in capsys.readouterr().out
     assert validate_main([str(tmp_path), "--no-progress"]) == 0
-    assert "30 good sample(s), 0 bad" in capsys.readouterr().out
+    assert "31 good sample(s), 0 bad" in capsys.readouterr().out
 
 
 def test_demo_data_is_small_and_complete():
@@ -221,6 +222,13 @@ def test_demo_data_is_small_and_complete():
     assert any("image" not in r for r in records)
     shapes = [np.asarray(Image.open(demo / "data" / i)).shape for i in sorted(images)]
     assert all(max(s[:2]) <= 320 and s[2] == 3 for s in shapes)
+    (clip,) = [r["video"] for r in records if "video" in r]
+    import av
+
+    with av.open(str(demo / "data" / clip)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) >= 32 and frames[0].shape == (96, 128, 3)
+    assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 10  # it moves
 
 
 def test_validator_reports_and_fixes_missing_or_stale_indexes(tmp_path, capsys):
@@ -231,7 +239,8 @@ def test_validator_reports_and_fixes_missing_or_stale_indexes(tmp_path, capsys):
     index = shard.with_suffix(".idx")
     stale = index.read_text().splitlines()
     index.write_text("\n".join([f"v1.2 {len(stale) - 2}", *stale[1:-1]]) + "\n")
-    assert validate_shards([shard]).index_problems == {str(shard): "lists 2 samples, the tar 3"}
+    problem = validate_shards([shard]).index_problems[str(shard)]
+    assert problem.startswith("stale: lists 2 samples (0 unusable), the tar 3")
     index.unlink()
     assert validate_main([str(shard), "--no-progress"]) == 1
     assert "index missing" in capsys.readouterr().out

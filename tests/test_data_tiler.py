@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_internvl.data.dali_pipeline import TiledImageLoader, TilingPipelineConfig
 from megatron_internvl.data.pixels import normalize_tiles
 from megatron_internvl.data.tiler import ImageDecodeError, ImageJob, ImageTiler, TilerConfig
 from megatron_internvl.data.tiling import choose_grid
+from tests.dali_reader import TiledImageLoader, TilingPipelineConfig
 from tests.test_data_dali import (
     LEVEL,
     jpeg,

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, LoaderConfig, shard_list
-from megatron_internvl.data.shards import read_index
+from megatron_internvl.data.shard_index import read_index
 from megatron_internvl.data.tiler import TilerConfig
 from megatron_internvl.training.validation import ValidationSet
 from tests.train_runs import build_demo_split

@@ -132,6 +132,32 @@ class DataSection:
     valid_shards: list[str] | None = None
     """Held-out shard paths or directories (same format as `shards`) for the validation loss
     (train.valid_interval, train.valid_batches); None: no validation."""
+    caption_prompts: list[str] = field(default_factory=list)
+    """Prompts a caption sample (image + .txt, img2dataset style) is asked with, one chosen per
+    sample by its key; empty: the built-in stage-1 set (`data.samples.DEFAULT_CAPTION_PROMPTS`)."""
+    caption_min: dict[str, float] = field(default_factory=dict)
+    """Caption samples need these metadata fields (their .json) at or above the minimum, e.g.
+    {width: 256, height: 256, similarity: 0.28}; others are skipped as "filtered"."""
+    max_member_bytes: int = 64 << 20
+    """Largest member (image, caption) read from a shard, in bytes; larger: skipped."""
+    max_json_bytes: int = 4 << 20
+    """Largest .json member parsed, in bytes."""
+    max_json_depth: int = 32
+    """Deepest JSON nesting parsed."""
+    max_int_digits: int = 20
+    """Longest integer literal in a sample's JSON."""
+    max_turn_chars: int = 65536
+    """Longest conversation turn (or caption) in characters, checked before tokenizing."""
+    max_image_pixels: int = 36_000_000
+    """Largest image (width x height from its header, before decoding)."""
+    max_sample_pixels: int = 72_000_000
+    """Largest total of image pixels in one sample."""
+    max_video_frames: int = 4096
+    """Longest video (frames) a sample may hold; counted from the container before decoding."""
+    video_frames: list[int] = field(default_factory=lambda: [8, 32])
+    """[min, max] frames sampled per video (InternVL 2.5: 8 to 32), one tile each."""
+    max_consecutive_drops: int = 200
+    """The loader stops with an error after this many samples in a row were dropped."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megatron_internvl.data.shards import BuildSummary, build_shards, load_records
+from megatron_internvl.data.shard_builders import BuildSummary, build_shards, load_records
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
 
@@ -30,7 +30,7 @@ def build_demo_shards(out_dir: str | os.PathLike, max_samples: int = 8) -> Build
     _check()
     records = load_records(DEMO_DIR / "data" / "demo.json")
     return build_shards(
-        records, DEMO_DIR / "data", out_dir, "demo", max_samples=max_samples, progress=False
+        records, DEMO_DIR / "data", out_dir, "demo", max_samples=max_samples, progress_bar=False
     )
 
 

@@ -1,10 +1,11 @@
 """The end-to-end loader: shards -> DALI tiles -> chat tokens -> packed rows -> micro-batches.
 
 One `InternVLLoader` per data-parallel rank. Per step it draws samples from a mixture of
-datasets, reads them (`shards.ShardReader`), tiles their images with DALI (`tiler.ImageTiler`),
-tokenizes the conversation (`chat.tokenize_conversation`), packs (`packing.SequencePacker`) and
-yields micro-batches of `micro_batch_size` rows in the form `training.step.internvl_forward_step`
-consumes (see `InternVLLoader.__next__`).
+datasets, reads and checks them (`samples.read_sample`, the parser the validator uses), tiles
+their images with DALI (`tiler.ImageTiler`), tokenizes the conversation
+(`chat.tokenize_conversation`), packs (`packing.SequencePacker`) and yields micro-batches of
+`micro_batch_size` rows in the form `training.step.internvl_forward_step` consumes (see
+`InternVLLoader.__next__`).
 
 Order and sharding. Each dataset's samples (all shards, in order) are permuted per epoch with a
 seed of (seed, dataset, epoch); rank r of n takes positions r, r + n, r + 2n, ... of that order,
@@ -23,13 +24,16 @@ A state only fits the data-parallel layout it was saved with: each rank's positi
 its own mixture draws, so positions cannot be re-dealt to another number of ranks exactly, and
 loading into a different dp_size fails with an explanation.
 
-Bad data. A sample whose members are missing or cut short, whose JSON is malformed, whose
-placeholder count differs from its image count or whose image fails to decode is skipped,
-counted by reason and logged with shard and key. DALI cannot drop one sample from a batch, so
-`ImageTiler` rebuilds its pipeline after a failure and retries that batch image by image: only
-the bad sample is lost. When skips exceed `max_skip_fraction` of the samples read (checked once
-`skip_check_after` samples were read) the loader raises `TooManyBadSamplesError`. Run
-`tools/validate_shards.py` before training so that none of this happens.
+Bad data. A sample the parser refuses (members missing or cut short, malformed JSON or
+conversation, placeholder count, over a work limit of `LoaderConfig.sample`) or whose image
+fails to decode is skipped, counted by reason and logged with shard and key. DALI cannot drop
+one sample from a batch, so `ImageTiler` rebuilds its pipeline after a failure and retries that
+batch image by image: only the bad sample is lost. When skips exceed `max_skip_fraction` of the
+samples read (checked once `skip_check_after` samples were read), or when
+`max_consecutive_drops` samples in a row were dropped for any reason (bad, filtered, over-long,
+too many tiles: otherwise a stream where every sample is dropped would never yield a batch), the
+loader raises `TooManyBadSamplesError`. Run `tools/validate_shards.py` before training so that
+none of this happens.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from megatron_internvl.data.chat import DEFAULT_SYSTEM_PROMPT, IMG_CONTEXT, tokenize_conversation
+from megatron_internvl.data.errors import BadSampleError, DataError
 from megatron_internvl.data.packing import (
     LossReduction,
     PackedRow,
@@ -55,7 +59,10 @@ from megatron_internvl.data.packing import (
     collate_rows,
 )
 from megatron_internvl.data.pixels import normalize_tiles
-from megatron_internvl.data.shards import BadSampleError, SampleEntry, ShardReader, read_index
+from megatron_internvl.data.samples import POLICY_REASONS, SampleConfig, read_sample
+from megatron_internvl.data.shard_index import SampleEntry, ensure_index, read_index
+from megatron_internvl.data.shard_index import shard_list as shard_list  # the loop finds it here
+from megatron_internvl.data.shard_reader import ShardReader
 from megatron_internvl.data.tiler import ImageDecodeError, ImageJob, ImageTiler, TilerConfig
 from megatron_internvl.data.tiling import per_image_cap
 
@@ -67,7 +74,7 @@ SampleRef = tuple[int, int, int]
 
 
 class TooManyBadSamplesError(RuntimeError):
-    """More samples were skipped than the configured fraction allows."""
+    """More samples were skipped than the configured fraction (or run length) allows."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,10 @@ class LoaderConfig:
     epochs: int | None = None
     """Stop after this many passes over the (single) dataset, the last rows flushed and the
     last micro-batch filled up with all-padding rows; None loops forever (training)."""
+    max_consecutive_drops: int = 200
+    """Stop with an error after this many samples in a row were dropped (any reason)."""
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    """Layouts, caption prompts and filters, and the work limits per sample."""
     tiler: TilerConfig = field(default_factory=TilerConfig)
 
 
@@ -119,23 +130,8 @@ class Loaded:
     per micro-batch, in `collate`)."""
 
 
-BAD_DATA_REASONS = (
-    "missing member",
-    "missing image",
-    "truncated tar",
-    "malformed json",
-    "placeholder mismatch",
-    "corrupt image",
-)
-"""Skip reasons that count towards `max_skip_fraction` (too_many_tiles is a policy, not bad)."""
-
-
-def shard_list(paths: Sequence[str | Path]) -> tuple[str, ...]:
-    """Expand directories to their `.tar` files (sorted); keep files as given."""
-    out: list[str] = []
-    for path in map(Path, paths):
-        out += sorted(map(str, path.glob("*.tar"))) if path.is_dir() else [str(path)]
-    return tuple(out)
+RECENT_DROPS = 5
+"""Dropped samples an error names (the most recent)."""
 
 
 class InternVLLoader:
@@ -168,9 +164,11 @@ class InternVLLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.entries: list[list[SampleEntry]] = []
         for spec in datasets:
+            for shard in spec.shards:
+                ensure_index(shard)  # a folder of plain WebDataset tars gets its indexes here
             entries = [e for shard in spec.shards for e in read_index(shard)]
             if len(entries) < dp_size:
-                raise ValueError(
+                raise DataError(
                     f"loader: dataset {spec.name} has {len(entries)} sample(s), fewer than the "
                     f"{dp_size} data-parallel ranks; add data or lower its dp size"
                 )
@@ -193,6 +191,8 @@ class InternVLLoader:
         self.ready: list[PackedRow] = []
         self.seen = 0
         self.skips: Counter = Counter()
+        self.recent_drops: list[str] = []
+        self.consecutive_drops = 0
         self.micro_batches = 0
         self.exhausted = False
         self._orders: dict[tuple[int, int], np.ndarray] = {}
@@ -246,11 +246,13 @@ class InternVLLoader:
         for ref in refs:
             entry = self.entries[ref[0]][ref[2]]
             try:
-                raw = self.reader.read(entry)
+                raw = read_sample(self.reader, entry, self.cfg.sample)
             except BadSampleError as error:
                 raws.append(error)
                 continue
-            cap = per_image_cap(self.cfg.tiler.max_num, max(1, len(raw.images)))
+            # InternVL tiles a video frame into one tile, no thumbnail.
+            video = raw.layout == "video"
+            cap = 1 if video else per_image_cap(self.cfg.tiler.max_num, max(1, len(raw.images)))
             qualities = self._quality(ref, len(raw.images))
             jobs += [ImageJob(d, cap, q) for d, q in zip(raw.images, qualities, strict=True)]
             raws.append(raw)
@@ -277,7 +279,7 @@ class InternVLLoader:
             )
         try:
             input_ids, labels = tokenize_conversation(
-                raw.meta["conversations"],
+                raw.conversations,
                 [t.shape[0] for t in per_image],
                 self.tokenizer,
                 tokens_per_tile=self.cfg.tokens_per_tile,
@@ -285,14 +287,15 @@ class InternVLLoader:
                 add_bos=self.cfg.add_bos,
                 key=raw.name,
             )
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError) as error:
             return BadSampleError(raw.name, "placeholder mismatch", str(error))
         return Sample(input_ids, labels, num_tiles, Loaded(ref, raw.name, per_image))
 
     def _skip(self, bad: BadSampleError) -> None:
         self.skips[bad.reason] += 1
         log.warning("skipping %s", bad)
-        bad_count = sum(self.skips[r] for r in BAD_DATA_REASONS)
+        self._dropped(str(bad))
+        bad_count = sum(n for r, n in self.skips.items() if r not in POLICY_REASONS)
         if (
             self.seen >= self.cfg.skip_check_after
             and bad_count > self.cfg.max_skip_fraction * self.seen
@@ -302,6 +305,25 @@ class InternVLLoader:
                 f"({dict(self.skips)}), more than max_skip_fraction={self.cfg.max_skip_fraction}; "
                 f"last: {bad}. Check the shards with tools/validate_shards.py (--clean-dir writes "
                 "shards without the bad samples)"
+            )
+
+    def _dropped(self, what: str) -> None:
+        """Count one more dropped sample in a row; stop when a stream yields nothing."""
+        self.recent_drops = [*self.recent_drops[-(RECENT_DROPS - 1) :], what]
+        self.consecutive_drops += 1
+        if self.consecutive_drops >= self.cfg.max_consecutive_drops:
+            stats = self.packer.stats
+            reasons = {
+                **self.skips,
+                "over seq_length": stats.dropped_overlong,
+                "over max_tiles_per_row": stats.dropped_too_many_tiles,
+            }
+            raise TooManyBadSamplesError(
+                f"data-parallel rank {self.dp_rank}: the last {self.consecutive_drops} samples "
+                f"were all dropped (max_consecutive_drops={self.cfg.max_consecutive_drops}); "
+                f"reasons so far { ({r: n for r, n in reasons.items() if n}) }; last: "
+                f"{'; '.join(self.recent_drops)}. Check the shards with tools/validate_shards.py "
+                "and the limits (data.seq_length, tile caps, data.max_* keys)"
             )
 
     def _fill(self) -> None:
@@ -315,7 +337,12 @@ class InternVLLoader:
             if isinstance(sample, BadSampleError):
                 self._skip(sample)
                 continue
+            packed = self.packer.stats.samples_packed
             self.ready += self.packer.add(sample)
+            if self.packer.stats.samples_packed == packed:
+                self._dropped(f"{sample.payload.name}: dropped by the packer")
+            else:
+                self.consecutive_drops = 0
 
     # --- iteration -------------------------------------------------------------------------
     def __iter__(self) -> InternVLLoader:

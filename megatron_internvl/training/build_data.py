@@ -110,6 +110,7 @@ def loader_config(cfg: RunConfig, spec: InternVLSpec, **overrides: Any) -> Any:
     """The shard loader's settings for this run (`overrides`: e.g. a finite, unshuffled set)."""
     from megatron_internvl.config.validate import packing_multiples
     from megatron_internvl.data.loader import LoaderConfig
+    from megatron_internvl.data.samples import sample_config
     from megatron_internvl.data.tiler import TilerConfig
 
     return LoaderConfig(
@@ -121,6 +122,8 @@ def loader_config(cfg: RunConfig, spec: InternVLSpec, **overrides: Any) -> Any:
         tokens_per_tile=spec.tokens_per_tile,
         seed=cfg.train.seed,
         skip_check_after=50,
+        max_consecutive_drops=cfg.data.max_consecutive_drops,
+        sample=sample_config(cfg.data),
         tiler=TilerConfig(
             image_size=spec.vision.image_size,
             max_num=cfg.data.max_tiles_per_image,

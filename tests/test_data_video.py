@@ -1,0 +1,163 @@
+"""Video samples (an .mp4 or pre-extracted frames) become InternVL 2.5's video input: frames from
+equal segments, as many as drawn from the configured range (the same on every read), decoded
+frames equal to what FFmpeg decodes, one tile each with `Frame-i: <image>` lines; a damaged video
+is one skipped sample in both the validator and the loader."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import skimage.data
+import webdataset as wds
+from PIL import Image
+from transformers import AutoTokenizer
+
+from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, LoaderConfig
+from megatron_internvl.data.samples import SampleConfig, read_sample
+from megatron_internvl.data.shard_index import ensure_index, read_index
+from megatron_internvl.data.shard_reader import ShardReader
+from megatron_internvl.data.shard_validation import validate_shards
+from megatron_internvl.data.tiler import TilerConfig
+from megatron_internvl.data.video import choose_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pan_frames(count=40, size=(96, 64)):
+    """A camera pan across a photograph: `count` RGB frames."""
+    photo = skimage.data.astronaut()
+    width, height = size
+    return [photo[40 : 40 + height * 3 : 3, 4 * i : 4 * i + width * 3 : 3] for i in range(count)]
+
+
+def mp4(frames) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def jpeg(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+QUESTION = {"conversations": [{"from": "human", "value": "<video>\nWhat moves?"},
+                              {"from": "gpt", "value": "The camera pans right."}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("vlen", [5, 40, 333])
+def test_frames_come_one_per_equal_segment_in_the_drawn_count(vlen):
+    counts = set()
+    for key in (f"sample{n}" for n in range(30)):
+        picks = choose_frames(key, vlen, (8, 32))
+        assert picks == choose_frames(key, vlen, (8, 32))  # a function of the key
+        if vlen <= 8:
+            assert picks == list(range(vlen))  # a short video keeps every frame
+            continue
+        counts.add(len(picks))
+        assert 8 <= len(picks) <= 32 and picks == sorted(picks) and len(set(picks)) == len(picks)
+        assert 0 <= picks[0] and picks[-1] < vlen
+        edges = np.linspace(0, vlen, len(picks) + 1).astype(int)
+        if (np.diff(edges) >= 2).all():
+            # InternVL draws from range(start, end - 1) of each segment (else a random subset)
+            ends = edges[1:] - 1
+            assert all(lo <= p < hi for p, lo, hi in zip(picks, edges[:-1], ends, strict=True))
+    if vlen == 333:
+        assert len(counts) > 5  # the count is drawn, not fixed
+
+
+@pytest.fixture(scope="module")
+def video_shard(tmp_path_factory):
+    frames = pan_frames()
+    clip = mp4(frames)
+    path = tmp_path_factory.mktemp("video") / "video.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "clip", "mp4": clip, "json": json.dumps(QUESTION)})
+        stills = {f"frame{i:03d}.jpg": jpeg(f) for i, f in enumerate(frames[:12])}
+        writer.write({"__key__": "stills", **stills, "json": json.dumps(QUESTION)})
+        writer.write(
+            {"__key__": "broken", "mp4": clip[: len(clip) // 3], "json": json.dumps(QUESTION)}
+        )
+        writer.write(
+            {
+                "__key__": "text",
+                "json": json.dumps({"conversations": QUESTION["conversations"][1:]}),
+            }
+        )
+    ensure_index(path)
+    return str(path), clip, stills
+
+
+def test_video_and_frame_samples_parse_into_frame_prompts(video_shard):
+    shard, clip, stills = video_shard
+    cfg = SampleConfig(video_frames=(4, 6))
+    entries = {e.key: e for e in read_index(shard)}
+    sample = read_sample(ShardReader(), entries["clip"], cfg)
+    picks = choose_frames("clip", 40, (4, 6))
+    assert sample.layout == "video" and len(sample.images) == len(picks)
+    with av.open(io.BytesIO(clip)) as container:  # FFmpeg's frames, through PyAV's image API
+        decoded = [np.asarray(f.to_image()) for f in container.decode(video=0)]
+    for data, index in zip(sample.images, picks, strict=True):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), decoded[index])
+    lines = "\n".join(f"Frame-{i + 1}: <image>" for i in range(len(picks)))
+    assert sample.conversations[0]["value"] == f"{lines}\nWhat moves?"
+    stills_sample = read_sample(ShardReader(), entries["stills"], cfg)
+    chosen = choose_frames("stills", 12, (4, 6))
+    assert stills_sample.images == [stills[f"frame{i:03d}.jpg"] for i in chosen]
+
+
+def test_validator_and_loader_take_videos_one_tile_per_frame(video_shard, caplog):
+    shard, _, _ = video_shard
+    report = validate_shards([shard])
+    assert report.good == 3 and set(report.bad) == {f"{shard}:broken"}
+    assert report.bad[f"{shard}:broken"].startswith("corrupt video")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "demo" / "tokenizer")
+    cfg = LoaderConfig(
+        seq_length=1024, max_tiles_per_row=32, max_tiles_per_sample=32, tokens_per_tile=4,
+        system_prompt=None, shuffle=False, read_ahead=4, skip_check_after=10**6,
+        tiler=TilerConfig(image_size=56, max_num=12, batch_size=8),
+        sample=SampleConfig(video_frames=(4, 6)),
+    )  # fmt: skip
+    loader = InternVLLoader([DatasetSpec("v", (shard,))], tokenizer, cfg)
+    with caplog.at_level(logging.WARNING, logger="megatron_internvl.data.loader"):
+        loader._fill()
+    assert dict(loader.skips) == {"corrupt video": 1}
+    payloads = {p.name: p for row in loader.ready + loader.packer.flush() for p in row.payloads}
+    for key, vlen in (("clip", 40), ("stills", 12)):
+        tiles = payloads[f"{shard}:{key}"].tiles
+        assert len(tiles) == len(choose_frames(key, vlen, (4, 6)))
+        assert all(t.shape[0] == 1 for t in tiles)  # one tile per frame, no thumbnail
+
+
+def test_the_demo_clip_trains_as_frames_from_the_demo_shards(tmp_path):
+    from tools.build_shards import main as build_main
+
+    assert build_main(["--demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    (shard,) = map(str, tmp_path.glob("*.tar"))
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "demo" / "tokenizer")
+    cfg = LoaderConfig(
+        seq_length=512, max_tiles_per_row=12, tokens_per_tile=4, shuffle=False, read_ahead=31,
+        tiler=TilerConfig(image_size=56, max_num=4, batch_size=8),
+        sample=SampleConfig(video_frames=(4, 8)),  # as recipes/recipe/demo_cpu_shards.yaml
+    )  # fmt: skip
+    loader = InternVLLoader([DatasetSpec("demo", (shard,))], tokenizer, cfg)
+    loader._fill()  # the 31 demo samples
+    assert not loader.skips and loader.packer.stats.samples_packed == 31
+    rows = loader.ready + loader.packer.flush()
+    (clip,) = [p for row in rows for p in row.payloads if p.name.endswith(":000000030")]
+    assert 4 <= len(clip.tiles) <= 8 and all(t.shape == (1, 56, 56, 3) for t in clip.tiles)
