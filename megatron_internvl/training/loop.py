@@ -32,6 +32,7 @@ from megatron_internvl.models.registry import InternVLSpec, get_spec, spec_from_
 from megatron_internvl.parallel import runtime
 from megatron_internvl.training.flops import training_flops
 from megatron_internvl.training.freezing import freeze_for_stage
+from megatron_internvl.training.lost_steps import lost_steps_note
 from megatron_internvl.training.metrics import MetricsLogger
 from megatron_internvl.training.signals import (
     REQUEUE_EXIT_CODE,
@@ -187,7 +188,8 @@ def train(cfg: RunConfig) -> int:
                 flush=True,
             )
         if rank == 0:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
+            lost = lost_steps_note(out / "tensorboard", step)  # what the failure cost
+            print(f"resumed from {resume_from} at step {step}{lost}", flush=True)
     elif cfg.checkpoint.pretrained:
         ckpt.load_model_only(cfg.checkpoint.pretrained, model)
 
