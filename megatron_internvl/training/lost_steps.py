@@ -12,9 +12,10 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 
-def _created(path: Path) -> int:
-    """events.out.tfevents.<unix time>.<host>...: when the writer opened it."""
-    return int(path.name.split(".")[3])
+def _created(path: Path) -> tuple[int, float]:
+    """events.out.tfevents.<unix time>.<host>...: when the writer opened it (to the second;
+    the last write breaks ties)."""
+    return int(path.name.split(".")[3]), path.stat().st_mtime
 
 
 def last_logged_step(tensorboard_dir: Path) -> int | None:
