@@ -189,6 +189,7 @@ def _conf(root: Path, addresses: dict[str, str], controller: str) -> str:
         SlurmctldTimeout="30",
         MessageTimeout="5",
         KillWait="3",
+        SlurmdDebug="debug",  # the nodes log each signal delivered to a step
         SchedulerParameters="batch_sched_delay=0,sched_min_interval=0,bf_interval=1",
         ReturnToService="2",
         JobRequeue="1",

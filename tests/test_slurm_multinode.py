@@ -199,6 +199,13 @@ def test_preempted_two_node_job_requeues_once_and_resumes(slurm_multinode, one_n
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster.env, check=True)
     _wait_for(lambda: _gone(cluster, job), 600, "the job to requeue and finish", cluster)
 
+    for node in cluster.nodes:  # Slurm's own record: SIGUSR1 sent to both ranks on each node
+        signalled = re.findall(
+            rf"\[{job}\.0\] proctrack/linuxproc: _kill_proclist: Sending signal 10 to pid (\d+) "
+            r"\(python",
+            cluster.slurmd_log(node),
+        )
+        assert len(set(signalled)) >= 2, (node, signalled)
     batch = (logs / f"slurm-{job}.out").read_text()
     assert batch.count("requeueing (attempt") == 1
     assert "requeueing (attempt 1 of 3)" in batch and "training exited with 0" in batch
