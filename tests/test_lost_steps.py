@@ -30,5 +30,5 @@ def test_the_newest_attempt_with_steps_says_how_far_the_run_got(tmp_path):
     _attempt(log_dir, 1_700_000_300, range(7, 9))  # ... then lost after step 8
     _attempt(log_dir, 1_700_000_600, range(0))  # an attempt that died before its first step
     assert last_logged_step(log_dir) == 8
-    assert lost_steps_note(log_dir, 6) == "; lost 2 steps (the previous attempt logged step 8)"
-    assert lost_steps_note(log_dir, 8) == "; lost 0 steps (the previous attempt logged step 8)"
+    assert lost_steps_note(log_dir, 6) == "; steps lost: 2 (the previous attempt logged step 8)"
+    assert lost_steps_note(log_dir, 8) == "; steps lost: 0 (the previous attempt logged step 8)"

@@ -185,7 +185,7 @@ def test_lost_node_requeues_and_resumes_exactly(slurm_multinode, one_node, tmp_p
     resume_line = f"resumed from {tmp_path / 'nodeloss' / 'checkpoints'}/step_{restart:08d}"
     resumed_log = (logs / f"job{job}-attempt1" / "rank0.log").read_text()
     assert (
-        f"{resume_line} at step {restart}; lost {reached - restart} steps "
+        f"{resume_line} at step {restart}; steps lost: {reached - restart} "
         f"(the previous attempt logged step {reached})" in resumed_log
     )
     assert interrupted == {s: one_node[s] for s in range(1, reached + 1)}
@@ -220,7 +220,7 @@ def test_preempted_two_node_job_requeues_once_and_resumes(slurm_multinode, one_n
         f"rank_{r:05d}.pt" for r in range(RANKS)
     ]
     resumed_log = (logs / f"job{job}-attempt1" / "rank0.log").read_text()
-    assert f"at step {saved}; lost 0 steps" in resumed_log
+    assert f"at step {saved}; steps lost: 0 " in resumed_log
     first, second = _attempt_losses(tmp_path, "preempted")
     assert first == {s: one_node[s] for s in range(1, saved + 1)}
     assert second == {s: one_node[s] for s in range(saved + 1, STEPS + 1)}  # bit for bit

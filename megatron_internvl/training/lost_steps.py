@@ -29,11 +29,11 @@ def last_logged_step(tensorboard_dir: Path) -> int | None:
 
 
 def lost_steps_note(tensorboard_dir: Path, resumed_step: int) -> str:
-    """ "; lost N steps (...)" for the resume message, or "" when no earlier attempt logged."""
+    """ "; steps lost: N (...)" for the resume message, or "" when no earlier attempt logged."""
     reached = last_logged_step(tensorboard_dir)
     if reached is None:
         return ""
     return (
-        f"; lost {max(reached - resumed_step, 0)} steps (the previous attempt logged step "
+        f"; steps lost: {max(reached - resumed_step, 0)} (the previous attempt logged step "
         f"{reached})"
     )
