@@ -42,6 +42,7 @@ from megatron_internvl.training.build_model import (  # noqa: F401 (public names
 )
 from megatron_internvl.training.build_optimizer import build_optimizer, build_scheduler
 from megatron_internvl.training.flops import training_flops
+from megatron_internvl.training.lost_steps import lost_steps_note
 from megatron_internvl.training.metrics import MetricsLogger
 from megatron_internvl.training.run_dir import claim_run_dir
 from megatron_internvl.training.signals import (
@@ -169,7 +170,8 @@ class _Run:
                 flush=True,
             )
         if self.rank == 0:
-            print(f"resumed from {resume_from} at step {self.step}", flush=True)
+            lost = lost_steps_note(run_dir(self.cfg) / "tensorboard", self.step)  # failure cost
+            print(f"resumed from {resume_from} at step {self.step}{lost}", flush=True)
 
     def train_step(self) -> None:
         """One optimizer step (skipped, or the run stopped, on an agreed non-finite value)."""
