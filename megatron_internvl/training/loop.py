@@ -172,9 +172,13 @@ def train(cfg: RunConfig) -> int:
     microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp_size)
 
     step = 0
-    resume_from = ckpt.latest_committed(ckpt_root) if cfg.checkpoint.resume else None
-    if resume_from is not None:
-        meta, per_rank = ckpt.load(resume_from, model, optimizer)
+    resumed = (
+        ckpt.resume(ckpt_root, model, optimizer, cfg.checkpoint.verify)
+        if cfg.checkpoint.resume
+        else None
+    )
+    if resumed is not None:
+        resume_from, meta, per_rank = resumed
         scheduler.load_state_dict(meta["scheduler"])
         step = meta["step"]
         if per_rank is not None:
