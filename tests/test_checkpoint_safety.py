@@ -175,8 +175,8 @@ def test_conversions_refuse_planted_payloads(first_run, tmp_path):
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"]}))
     torch.save({"weight": _Payload(marker)}, hf_dir / "pytorch_model.bin")
-    args = ("--hf-dir", str(hf_dir), "--model", "tiny_qwen_300m_style", "--out", str(tmp_path / "mg"))
-    to_megatron = _convert("to-megatron", *args)
+    flavour = ("--model", "tiny_qwen_300m_style")
+    to_megatron = _convert("to-megatron", "--hf-dir", str(hf_dir), *flavour, "--out", str(tmp_path))
     assert to_megatron.returncode != 0
     assert "pytorch_model.bin" in to_megatron.stderr, to_megatron.stderr
     assert not marker.exists()
