@@ -35,8 +35,8 @@ BASE = ("recipe=demo_cpu", "train.warmup_steps=1", "logging.log_every=1")
 
 
 def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "megatron_internvl.train"]
+    torchrun = [sys.executable, "-m", "megatron_internvl.launch.local", "--standalone"]
+    command = [*torchrun, "--nproc-per-node", "2", "-m", "megatron_internvl.train"]
     return subprocess.run(
         [*command, *BASE, f"output_dir={out}", *extra],
         cwd=ROOT,

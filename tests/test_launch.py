@@ -3,6 +3,7 @@ refused before sbatch, and the batch script requeues only a preempted run, up to
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -278,3 +279,47 @@ def test_job_script_runs_this_venv_with_absolute_paths(tmp_path, monkeypatch):
     assert f"{sys.executable} -m megatron_internvl.launch.task" in script.stdout
     assert script.stdout.rstrip().endswith('exit "$rc"')
     assert f"output_dir={out}" in script.stdout and "output_dir=rel/out" not in script.stdout
+
+
+# --- local rendezvous ----------------------------------------------------------------------
+
+PROBE = """
+import json, sys
+import psutil, torch.distributed as dist
+dist.init_process_group("gloo")
+def listening(process):
+    return sorted({c.laddr.ip for c in process.net_connections("inet") if c.status == "LISTEN"})
+me = psutil.Process()
+seen = {"launcher": listening(me.parent()), "rank": listening(me)}
+dist.barrier()
+with open(f"{sys.argv[1]}.{dist.get_rank()}", "w") as out:
+    json.dump(seen, out)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def _listening_addresses(tmp_path: Path, launcher: list[str]) -> list[dict]:
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("SOCKET_IFNAME")}
+    result = subprocess.run(
+        [*launcher, "--standalone", "--nproc-per-node", "2", str(probe), str(tmp_path / "seen")],
+        cwd=ROOT,
+        env={**env, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads((tmp_path / f"seen.{rank}").read_text()) for rank in range(2)]
+
+
+def test_local_rendezvous_listens_on_loopback_only(tmp_path):
+    ours = _listening_addresses(tmp_path, [sys.executable, "-m", "megatron_internvl.launch.local"])
+    assert ours[0]["launcher"], ours  # the store is there, on loopback
+    for seen in ours:
+        assert set(seen["launcher"]) | set(seen["rank"]) <= {"127.0.0.1"}, ours
+    # The probe sees the difference: plain torchrun --standalone listens on every interface.
+    plain = _listening_addresses(tmp_path, [sys.executable, "-m", "torch.distributed.run"])
+    assert set(plain[0]["launcher"]) - {"127.0.0.1", "::1"}, plain
