@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint import CheckpointException  # a BaseException, not an Exception
 
 from megatron_internvl.checkpoint import integrity
 from megatron_internvl.checkpoint.integrity import COMMIT_MARKER
@@ -360,7 +361,7 @@ def _try_load(
     try:
         result = load(path, chunks, optimizer)
         mine: list[str] = []
-    except Exception as error:  # any failure to load: report it, try the previous one
+    except (Exception, CheckpointException) as error:  # any failure: report, try the previous
         if unsafe_cause(error) is not None:
             unsafe, mine, result = [str(unsafe_cause(error))], [], None
         else:
@@ -377,7 +378,7 @@ def load_model_only(path: str | os.PathLike, chunks: list[torch.nn.Module]) -> N
     try:
         with restricted_unpickling():
             loaded = dist_checkpointing.load({"model": model_state}, str(path))
-    except Exception as error:
+    except (Exception, CheckpointException) as error:
         if unsafe_cause(error) is not None:  # say it plainly, not in torch's per-rank wrapper
             raise unsafe_cause(error) from None
         raise

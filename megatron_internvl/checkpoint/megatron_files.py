@@ -91,7 +91,7 @@ def safe_reading() -> Iterator[None]:
     try:
         with restricted_unpickling():
             yield
-    except Exception as error:
+    except (Exception, CheckpointException) as error:
         unsafe = unsafe_cause(error)
         if unsafe is None:
             raise
