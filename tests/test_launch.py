@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from megatron_internvl.launch.task import slurm_to_torch_env
+from tests.harness import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["data.shards=[/data/shards]", "data.tokenizer=/models/tok"]
@@ -323,3 +324,39 @@ def test_local_rendezvous_listens_on_loopback_only(tmp_path):
     # The probe sees the difference: plain torchrun --standalone listens on every interface.
     plain = _listening_addresses(tmp_path, [sys.executable, "-m", "torch.distributed.run"])
     assert set(plain[0]["launcher"]) - {"127.0.0.1", "::1"}, plain
+
+
+def test_multi_node_rendezvous_binds_where_the_cluster_file_says(tmp_path):
+    from megatron_internvl.launch import slurm
+
+    cluster = slurm.cluster_config({"gpus_per_node": 0, "tasks_per_node": 2, "interface": "lo"})
+    script = slurm.render("job", tmp_path / "run", [], cluster, "layout")
+    bin_dir = _recording_slurm(tmp_path)
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\necho "$MASTER_ADDR $GLOO_SOCKET_IFNAME $NCCL_SOCKET_IFNAME" > '
+        f"{tmp_path}/env\n"
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
+    env["SLURM_JOB_NODELIST"] = "node1"
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "env").read_text().split() == ["127.0.0.1", "lo", "lo"]
+    # The task's rank 0 store then listens on that address only (the probe of the local test).
+    code = (
+        "import os, psutil, torch.distributed as dist\n"
+        "from megatron_internvl.launch.local import bind_stores\n"
+        "bind_stores('127.0.0.1')\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "print(sorted({c.laddr.ip for c in psutil.Process().net_connections('inet')"
+        " if c.status == 'LISTEN'}))\n"
+    )
+    free = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **free}, capture_output=True, text=True
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip() == "['127.0.0.1']", probe.stdout

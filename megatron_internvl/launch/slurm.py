@@ -64,6 +64,9 @@ class ClusterConfig:
     container_workdir: str | None = None
     """Working directory inside the container (default: this project's directory, which the
     mounts must make visible at the same path)."""
+    interface: str | None = None
+    """Network interface the ranks meet and talk over (e.g. "ib0"): rank 0's store listens on
+    the first node's address there, and NCCL/gloo use it. None: the first node's host name."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra or overriding environment variables."""
     max_requeues: int = 20
@@ -131,6 +134,7 @@ def _check_values(cluster: ClusterConfig) -> None:
             "Slurm partition names (letters, digits, _ . -), comma-separated",
         ),
         "account": (_SLURM_NAME, "a Slurm account name (letters, digits, _ . -)"),
+        "interface": (_SLURM_NAME, "a network interface name (letters, digits, _ . -)"),
         "time": (_TIME, "a Slurm time limit: MM, HH:MM:SS, D-HH or D-HH:MM:SS"),
         "mem": (_MEM, 'a Slurm memory size: a number with an optional K/M/G/T ("0" = all)'),
     }
@@ -240,6 +244,14 @@ def _sbatch_lines(name: str, run_dir: Path, cluster: ClusterConfig) -> list[str]
     return sbatch
 
 
+def _master_addr(interface: str | None) -> str:
+    """Shell for the rendezvous address; the batch script runs on the allocation's first node."""
+    if interface is None:
+        return '$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)'
+    show = f"ip -4 -o addr show dev {shlex.quote(interface)}"
+    return f"$({show} | awk '{{print $4}}' | cut -d/ -f1 | head -n 1)"
+
+
 def render(
     name: str, run_dir: Path, overrides: list[str], cluster: ClusterConfig, layout_text: str
 ) -> str:
@@ -247,7 +259,10 @@ def render(
     that reaches the shell is quoted; those on #SBATCH lines are checked to be plain."""
     run_dir = Path(run_dir).resolve()
     sbatch = _sbatch_lines(name, run_dir, cluster)
-    env = {**(DEFAULT_ENV if cluster.gpus_per_node else {"OMP_NUM_THREADS": "1"}), **cluster.env}
+    env = dict(DEFAULT_ENV if cluster.gpus_per_node else {"OMP_NUM_THREADS": "1"})
+    if cluster.interface:
+        env |= {"NCCL_SOCKET_IFNAME": cluster.interface, "GLOO_SOCKET_IFNAME": cluster.interface}
+    env |= cluster.env
     srun = ["srun", "--kill-on-bad-exit=1", "--label"]
     if cluster.container == "pyxis":
         workdir = cluster.container_workdir or str(PROJECT_ROOT)
@@ -259,6 +274,7 @@ def render(
         sbatch="\n".join(sbatch),
         layout=" ".join(layout_text.split()),
         run_dir=shlex.quote(str(run_dir)),
+        master_addr=_master_addr(cluster.interface),
         env="\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         srun=" ".join(shlex.quote(a) for a in srun),
         command=" ".join(shlex.quote(c) for c in command),
