@@ -54,12 +54,19 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds something other than checkpoint data (possibly code)."""
 
 
+# Refusals since the last `restricted_unpickling()` began: torch re-raises some errors (a bad
+# `.metadata`) as a new AssertionError holding only the message, so the cause is kept here too.
+_REFUSED: list[UnsafeCheckpointError] = []
+
+
 def _refuse(path: str, what: str) -> UnsafeCheckpointError:
-    return UnsafeCheckpointError(
+    error = UnsafeCheckpointError(
         f"{path}: refused to load: it asks for {what}, which a genuine checkpoint does not hold "
         f"(the file may have been tampered with); nothing from it was run. Use a checkpoint "
         f"from a trusted source."
     )
+    _REFUSED.append(error)
+    return error
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -105,6 +112,7 @@ def restricted_unpickling() -> Iterator[None]:
     planner = default_planner.DefaultLoadPlanner
     common_strategy = common.TorchCommonLoadStrategy
     saved = (reader.read_metadata, planner.load_bytes, common_strategy.load_common)
+    _REFUSED.clear()
 
     def read_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
         path = self._get_metadata_path(kwargs.get("rank"))
@@ -144,7 +152,9 @@ def restricted_unpickling() -> Iterator[None]:
 
 def unsafe_cause(error: BaseException) -> UnsafeCheckpointError | None:
     """The UnsafeCheckpointError behind `error`, also when torch DCP wrapped it (per rank) in a
-    CheckpointException."""
+    CheckpointException, or re-raised it as another error with just its message."""
+    if _REFUSED:
+        return _REFUSED[0]
     seen = 0
     while error is not None and seen < 10:
         if isinstance(error, UnsafeCheckpointError):
