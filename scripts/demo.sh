@@ -19,7 +19,8 @@ run=$out/demo_cpu_shards
 if [ ! -f "$out/demo_shards/shard-000000.idx" ]; then
   "$py" tools/build_shards.py --demo --out "$out/demo_shards" --no-progress
 fi
-"$venv/bin/torchrun" --standalone --nproc-per-node "${NPROC:-2}" \
+# torchrun listening on 127.0.0.1 only (megatron_internvl/launch/local.py)
+"$py" -m megatron_internvl.launch.local --standalone --nproc-per-node "${NPROC:-2}" \
   -m megatron_internvl.train recipe=demo_cpu_shards output_dir="$out" \
   "data.shards=[$out/demo_shards]" "$@"
 "$py" tools/convert_hf.py to-hf --ckpt "$run/checkpoints" --out "$run/hf" --force

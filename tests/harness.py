@@ -2,8 +2,10 @@
 
 Spawning costs seconds (importing Megatron-Core), so a test should check many things in one
 spawn. Each rank runs with the CPU platform installed, one intra-op thread, and
-`MASTER_ADDR`/`MASTER_PORT`/`RANK`/`WORLD_SIZE` set as torchrun would. A rank's return value
-travels back through `torch.save`, so tensors are fine.
+`MASTER_ADDR`/`MASTER_PORT`/`RANK`/`WORLD_SIZE` set as torchrun would. The ranks meet through a
+FileStore in a private temporary directory and gloo talks over the loopback interface, so
+nothing listens beyond this machine. A rank's return value travels back through `torch.save`,
+so tensors are fine.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -42,6 +46,7 @@ def _rank_main(
     rank: int,
     world_size: int,
     port: int,
+    store_file: str,
     fn: Callable[..., Any],
     args: tuple,
     kwargs: dict,
@@ -54,6 +59,7 @@ def _rank_main(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
+        GLOO_SOCKET_IFNAME="lo",
     )
     try:
         torch.set_num_threads(1)
@@ -61,7 +67,11 @@ def _rank_main(
 
         cpu_platform.install()
         torch.distributed.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            "gloo",
+            init_method=f"file://{store_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
         )
         value = fn(*args, **kwargs)
         results.put((rank, "ok", _to_bytes(value)))
@@ -90,10 +100,12 @@ def run_on_ranks(
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     port = free_port()
+    store_dir = tempfile.mkdtemp(prefix="harness-store-")
+    store_file = os.path.join(store_dir, "store")
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, fn, args, kwargs, results, timeout_s),
+            args=(rank, world_size, port, store_file, fn, args, kwargs, results, timeout_s),
             name=f"rank{rank}",
         )
         for rank in range(world_size)
@@ -128,6 +140,7 @@ def run_on_ranks(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
 
     failures = []
     for rank, proc in enumerate(procs):

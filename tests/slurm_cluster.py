@@ -71,9 +71,12 @@ def slurm_cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
     conf.write_text(_conf(root))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
-    started_munge = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0
+    # Our own munged on the default socket unless one serves it already (another munged on a
+    # private socket does not count); stopped by its pid file, never by name.
+    munge_pid = root / "munged.pid"
+    started_munge = not Path("/run/munge/munge.socket.2").exists()
     if started_munge:
-        subprocess.run(["munged", "--force"], check=True)
+        subprocess.run(["munged", "--force", f"--pid-file={munge_pid}"], check=True)
     subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True)
     subprocess.run(["slurmd", "-f", str(conf)], env=env, check=True)
     try:
@@ -94,4 +97,4 @@ def slurm_cluster(tmp_path_factory) -> Iterator[dict[str, str]]:
         _kill_pidfile(root / "slurmd.pid")
         _kill_pidfile(root / "slurmctld.pid")
         if started_munge:
-            subprocess.run(["pkill", "-x", "munged"], capture_output=True)
+            _kill_pidfile(munge_pid)

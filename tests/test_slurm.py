@@ -36,8 +36,7 @@ def test_preempted_job_requeues_and_finishes_with_the_same_losses(slurm_cluster,
             "-m",
             "megatron_internvl.launch",
             "recipe=demo_cpu",
-            "cluster=local_cpu",
-            f"cluster.python={sys.executable}",
+            "cluster=local_cpu",  # python: null -> this venv's interpreter
             f"output_dir={tmp_path}",
             "name=onslurm",
             f"train.steps={STEPS}",
@@ -51,6 +50,10 @@ def test_preempted_job_requeues_and_finishes_with_the_same_losses(slurm_cluster,
     )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     job = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
+    (script,) = (tmp_path / "onslurm" / "slurm").glob("*.sbatch")
+    assert f"{sys.executable} -m megatron_internvl.launch.task" in script.read_text()
+    check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
     logs = tmp_path / "onslurm" / "logs"
     rank0 = logs / f"job{job}-attempt0" / "rank0.log"
     _wait_for(lambda: rank0.is_file() and "step      4 |" in rank0.read_text(), 180, "step 4")

@@ -460,7 +460,8 @@ def _checkpoint_metadata(ckpt_dir: Path) -> dict[str, Any]:
             f"{ckpt_dir}: not a Megatron dist checkpoint (no metadata.json); pass the directory "
             f"dist_checkpointing.save wrote (e.g. .../iter_0001000)"
         )
-    return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    with megatron_files.safe_reading():
+        return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
 
 
 def _check_against_metadata(model: torch.nn.Module, metadata: dict, ckpt_dir: Path, spec) -> None:

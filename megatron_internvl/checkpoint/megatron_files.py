@@ -57,6 +57,9 @@ from torch.distributed.checkpoint.filesystem import _write_item
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.futures import Future
 
+from megatron_internvl.checkpoint.errors import ConversionError
+from megatron_internvl.checkpoint.safe_pickle import restricted_unpickling, unsafe_cause
+
 Materialise = Callable[[str], torch.Tensor]
 """State-dict name of a parameter -> its full TP=1 value (dtype and shape of the parameter)."""
 Advance = Callable[[int], None]
@@ -79,6 +82,20 @@ def release_memory() -> None:
     not fit, so without this the RSS creeps up by about a parameter per layer."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+@contextlib.contextmanager
+def safe_reading() -> Iterator[None]:
+    """Reading a dist checkpoint with no unpickling of anything but checkpoint data
+    (safe_pickle.py); a file that asks for more is a ConversionError naming it."""
+    try:
+        with restricted_unpickling():
+            yield
+    except (Exception, CheckpointException) as error:
+        unsafe = unsafe_cause(error)
+        if unsafe is None:
+            raise
+        raise ConversionError(str(unsafe)) from None
 
 
 @contextlib.contextmanager
@@ -243,7 +260,7 @@ class Reader:
             for key, shards in by_key.items()
         }
         planner = MCoreLoadPlanner(shapes_validation_sharded_tensors=list(nested_values(wanted)))
-        with _original_errors(), warnings.catch_warnings():
+        with safe_reading(), _original_errors(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")  # as meant
             dcp.load(state, storage_reader=self._storage, planner=planner, no_dist=True)
         dict_list_map_inplace(lambda shard: shard.data, wanted)

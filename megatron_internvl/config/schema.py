@@ -172,6 +172,9 @@ class CheckpointSection:
     """Resume from the latest committed checkpoint of this run if there is one."""
     pretrained: str | None = None
     """A converted checkpoint (model only) to start from when not resuming."""
+    verify: bool = True
+    """Check every file of a checkpoint against the checksums its commit marker records before
+    resuming from it (a read of the whole checkpoint); false skips the check."""
 
 
 @dataclass

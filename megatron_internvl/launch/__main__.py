@@ -44,7 +44,13 @@ def _main(args: list[str]) -> int:
         f"{cluster.gpus_per_node or cluster.tasks_per_node} per node)"
     )
     out = run_dir(cfg).resolve()
-    script = slurm.render(cfg.name, out, overrides, cluster, layout_text)
+    try:
+        script = slurm.render(
+            cfg.name, out, slurm.absolute_overrides(overrides, out), cluster, layout_text
+        )
+    except slurm.LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if dry_run:
         print(script)
         return 0

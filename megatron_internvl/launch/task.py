@@ -23,6 +23,12 @@ def slurm_to_torch_env(environ: dict[str, str]) -> dict[str, str]:
 
 def main() -> int:
     os.environ.update(slurm_to_torch_env(dict(os.environ)))
+    if os.environ.get("MASTER_ADDR"):  # rank 0's store listens there only, not on every interface
+        import socket
+
+        from megatron_internvl.launch.local import bind_stores
+
+        bind_stores(socket.gethostbyname(os.environ["MASTER_ADDR"]))
     from megatron_internvl.train import main as train_main
 
     return train_main(sys.argv[1:])

@@ -70,7 +70,7 @@ def select(
 
 
 def point_command(point_dir: Path, nproc: int) -> list[str]:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun = [sys.executable, "-m", "megatron_internvl.launch.local", "--standalone"]
     return [*torchrun, "--nproc-per-node", str(nproc), "-m", POINT_MODULE, str(point_dir)]
 
 

@@ -151,12 +151,16 @@ class _Run:
     def resume_or_start(self) -> None:
         """Continue from this run's latest checkpoint, or start (from `pretrained` if set)."""
         cfg = self.cfg
-        resume_from = ckpt.latest_committed(self.ckpt_root) if cfg.checkpoint.resume else None
-        if resume_from is None:
+        resumed = (
+            ckpt.resume(self.ckpt_root, self.model, self.optimizer, cfg.checkpoint.verify)
+            if cfg.checkpoint.resume
+            else None
+        )
+        if resumed is None:
             if cfg.checkpoint.pretrained:
                 ckpt.load_model_only(cfg.checkpoint.pretrained, self.model)
             return
-        meta, per_rank = ckpt.load(resume_from, self.model, self.optimizer)
+        resume_from, meta, per_rank = resumed
         self.scheduler.load_state_dict(meta["scheduler"])
         self.step = meta["step"]
         self.valid_loss = meta.get("valid_loss")
