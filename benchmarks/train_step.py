@@ -22,9 +22,13 @@ so both do the same attention work. Stage 2 (everything trains).
 - transformers: fp32 parameters under `torch.autocast(bfloat16)` (what Trainer's bf16=True does),
   SDPA attention, fused AdamW; gradient checkpointing when `--recompute` is not none.
 
-Columns: step time (mean of timed steps), tokens/s, model TFLOP/s per GPU (training/flops.py:
-matmuls only, recomputation not counted), MFU = model TFLOP/s / the GPU's dense BF16 peak (FP8
-rows too, so the columns compare), peak memory allocated (GPU only), and ours / baseline.
+`--rounds` repeats the measurement with the models interleaved (each round builds and times
+every model in turn), for machines shared with other jobs.
+
+Columns: step time (mean of timed steps; the median over rounds, and the best round),
+tokens/s, model TFLOP/s per GPU (training/flops.py: matmuls only, recomputation not counted),
+MFU = model TFLOP/s / the GPU's dense BF16 peak (FP8 rows too, so the columns compare), peak
+memory allocated (GPU only), and ours / baseline (medians, and best / best).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -257,13 +262,10 @@ def gpu_peak_tflops(override: float | None) -> tuple[float | None, str]:
     return peak, f"{peak} TFLOP/s ({name}, dense BF16)"
 
 
-def measure(
-    make: Callable[[], tuple[Callable[[], None], int]],
-    timer: Timer,
-    args: argparse.Namespace,
-    work: Workload,
-    peak: float | None,
-) -> dict[str, Any]:
+def time_one(
+    make: Callable[[], tuple[Callable[[], None], int]], timer: Timer, args: argparse.Namespace
+) -> tuple[float, int, float | None]:
+    """(seconds per step, parameter count, peak GiB) of a freshly built model; frees it after."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -274,9 +276,18 @@ def measure(
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+    return seconds, params, memory
+
+
+def summarize(
+    times: list[float], params: int, memory: float | None, work: Workload, peak: float | None
+) -> dict[str, Any]:
+    """One table row from a model's per-round step times: the median, and the best."""
+    seconds = statistics.median(times)
     tflops = work.flops_per_step() / seconds / 1e12
     return {
         "step_s": seconds,
+        "best_s": min(times),
         "tokens_s": work.tokens_per_step() / seconds,
         "tflops": tflops,
         "mfu": tflops / peak if peak else None,
@@ -287,6 +298,38 @@ def measure(
 
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+BASELINE = "transformers (sdpa)"
+
+
+def baseline_kind(precision: str) -> str:
+    """The transformers row a precision compares with (bf16 autocast for bf16 and FP8)."""
+    return "bf16" if PRECISIONS[precision].dtype == "bfloat16" else "fp32"
+
+
+def interleaved_rounds(
+    makers: dict[tuple[str, str], Callable[[], tuple[Callable[[], None], int]]],
+    timer: Timer,
+    args: argparse.Namespace,
+    work: Workload,
+    peak: float | None,
+) -> list[dict[str, Any]]:
+    """Each round builds and times every model in turn, so that load from other jobs on a
+    shared machine hits them alike; a row per model with the median and best of its rounds."""
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in makers}
+    sizes: dict[tuple[str, str], tuple[int, float | None]] = {}
+    for round_ in range(args.rounds):
+        for key, make in makers.items():
+            seconds, params, memory = time_one(make, timer, args)
+            times[key].append(seconds)
+            print(f"round {round_ + 1}/{args.rounds}: {key[0]} {key[1]} {seconds:.4f} s")
+            sizes[key] = (params, memory)
+    return [
+        {"model": model, "precision": precision, **summarize(times[key], *sizes[key], work, peak)}
+        for key in makers
+        for model, precision in [key]
+    ]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -306,10 +349,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="interleaved rounds; median and best reported"
+    )
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--peak-tflops", type=float, help="dense BF16 peak of this GPU")
     parser.add_argument(
-        "--profile", action="store_true", help="top CUDA kernels of one step (first precision)"
+        "--profile",
+        action="store_true",
+        help="top CUDA kernels (CPU ops on a CPU) of one step of each model, first precision",
     )
     parser.add_argument("--json", type=Path, help="also write the results here (gpu_report.py)")
     args = parser.parse_args(argv)
@@ -341,32 +389,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cuda = torch.cuda.is_available()
     timer = Timer(cuda)
     peak, peak_text = gpu_peak_tflops(args.peak_tflops)
-    results = []
     with runtime.single_process():
         device = torch.device(torch.cuda.current_device()) if cuda else torch.device("cpu")
         rows = make_rows(work, device)
+        ours_model = f"ours ({args.backend})"
+        makers = {}
         for name in precisions:
-            ours = partial(ours_step, work, PRECISIONS[name], args.backend, args.recompute, rows)
-            result = {"model": f"ours ({args.backend})", "precision": name}
-            result.update(measure(ours, timer, args, work, peak))
-            results.append(result)
-            if args.profile and cuda and name == precisions[0]:
-                profile_step(ours)
+            precision = PRECISIONS[name]
+            makers[(ours_model, name)] = partial(
+                ours_step, work, precision, args.backend, args.recompute, rows
+            )
         if args.baseline:
-            done: dict[str, dict[str, Any]] = {}
-            for name in precisions:
-                precision = PRECISIONS[name]
-                kind = "bf16" if precision.dtype == "bfloat16" else "fp32"  # no FP8 there
-                if kind not in done:
-                    theirs = partial(baseline_step, work, precision, args.recompute, rows, device)
-                    done[kind] = {"model": "transformers (sdpa)", "precision": kind}
-                    done[kind].update(measure(theirs, timer, args, work, peak))
-            for name in precisions:
-                kind = "bf16" if PRECISIONS[name].dtype == "bfloat16" else "fp32"
-                ours_row = next(r for r in results if r["precision"] == name)
-                ours_row["vs_baseline"] = done[kind]["step_s"] / ours_row["step_s"]
-            results.extend(done.values())
-
+            for name in precisions:  # transformers has no FP8: its bf16 row serves those
+                theirs = partial(
+                    baseline_step, work, PRECISIONS[name], args.recompute, rows, device
+                )
+                makers.setdefault((BASELINE, baseline_kind(name)), theirs)
+        results = interleaved_rounds(makers, timer, args, work, peak)
+        if args.profile:
+            profile_step(makers[(ours_model, precisions[0])], cuda)
+            if args.baseline:
+                profile_step(makers[(BASELINE, baseline_kind(precisions[0]))], cuda)
+    baselines = {r["precision"]: r for r in results if r["model"] == BASELINE}
+    for row in results:
+        base = baselines.get(baseline_kind(row["precision"]))
+        if base is not None and row is not base:
+            row["vs_baseline"] = base["step_s"] / row["step_s"]
+            row["vs_baseline_best"] = base["best_s"] / row["best_s"]
     print_table(args, work, results, peak_text)
     if args.json:
         write_json(args.json, work, results, peak)
@@ -394,20 +443,26 @@ def write_json(
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def profile_step(make: Callable[[], tuple[Callable[[], None], int]]) -> None:
-    """Where a step's GPU time goes: the 15 most expensive kernels."""
+def profile_step(make: Callable[[], tuple[Callable[[], None], int]], cuda: bool) -> None:
+    """Where one step's time goes: the 15 most expensive CUDA kernels, or CPU ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
     step, _ = make()
     step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
+    activity, sort = (ProfilerActivity.CUDA, "cuda_time_total") if cuda else (
+        ProfilerActivity.CPU, "self_cpu_time_total"
+    )  # fmt: skip
+    if cuda:
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    with profile(activities=[activity]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
     del step
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def print_table(
@@ -429,19 +484,21 @@ def print_table(
         f"{shape} | recompute={args.recompute} | "
         f"{work.flops_per_step() / 1e12:.2f} model TFLOP/step | peak {peak_text}"
     )
+    print(f"{args.rounds} round(s), models interleaved; step s = median of rounds, best = fastest")
     header = (
-        f"{'model':<22}{'precision':<16}{'params M':>10}{'step s':>9}{'tokens/s':>11}"
-        f"{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'ours/baseline':>15}"
+        f"{'model':<22}{'precision':<16}{'params M':>10}{'step s':>9}{'best s':>9}{'tokens/s':>11}"
+        f"{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'ours/baseline':>15}{'best/best':>11}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         ratio = "-" if r.get("vs_baseline") is None else f"{r['vs_baseline']:.2f}x"
+        best = "-" if r.get("vs_baseline_best") is None else f"{r['vs_baseline_best']:.2f}x"
         print(
             f"{r['model']:<22}{r['precision']:<16}{r['params'] / 1e6:>10.1f}{r['step_s']:>9.4f}"
-            f"{r['tokens_s']:>11.0f}{r['tflops']:>9.3f}{mfu:>7}{fmt(r['memory_gib'], '.1f'):>9}"
-            f"{ratio:>15}"
+            f"{r['best_s']:>9.4f}{r['tokens_s']:>11.0f}{r['tflops']:>9.3f}{mfu:>7}"
+            f"{fmt(r['memory_gib'], '.1f'):>9}{ratio:>15}{best:>11}"
         )
 
 

@@ -29,10 +29,14 @@ def test_internvl_step_against_transformers(flavour, capsys):
     assert "ours/baseline" in table and f"{ours['vs_baseline']:.2f}x" in table
 
 
-def test_llm_part_counts_only_the_language_model():
+def test_llm_part_counts_only_the_language_model_over_interleaved_rounds():
     args = ["--flavour", "tiny_qwen_300m_style", "--part", "llm", "--llm-layers", "2"]
     args += ["--seq-length", "64", "--samples-per-row", "2", "--precision", "fp32"]
-    ours, theirs = train_step.main([*args, "--backend", "local", "--steps", "1", "--warmup", "1"])
+    args += ["--backend", "local", "--steps", "1", "--warmup", "1", "--rounds", "2"]
+    ours, theirs = train_step.main(args)
+    for row in (ours, theirs):  # rounds interleaved: a median and a best per model
+        assert 0 < row["best_s"] <= row["step_s"]
+    assert ours["vs_baseline_best"] == pytest.approx(theirs["best_s"] / ours["best_s"])
     spec = get_spec("tiny_qwen_300m_style")
     spec = dataclasses.replace(spec, language=dataclasses.replace(spec.language, num_layers=2))
     assert ours["params"] == theirs["params"]  # no ViT or projector on either side

@@ -122,3 +122,50 @@ def test_megatron_local_attention_refuses_context_parallel(world):
     groups = ProcessGroupCollection(tp=world, cp=world)
     with pytest.raises(AssertionError, match="Context parallelism"):
         DotProductAttention(config, 1, AttnMaskType.causal, "self", pg_collection=groups)
+
+
+def _forward_and_grads(forward, q, k, v):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = forward(q, k, v)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * weights).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize(
+    "mask_type, cu_seqlens, padded_keys",
+    [
+        (AttnMaskType.causal, [0, 5, 8, 16], 0),  # packed row
+        (AttnMaskType.padding, [0, 7, 16], 0),  # bidirectional, packed
+        (AttnMaskType.causal, None, 0),
+        (AttnMaskType.padding, None, 3),  # the ViT: padded keys masked
+    ],
+)
+def test_fused_attention_equals_the_masked_softmax(world, mask_type, cu_seqlens, padded_keys):
+    """The fast path (torch's fused attention per sub-sequence, taken without CP or dropout)
+    gives the masked-softmax path's outputs and gradients (the implementation before it, kept
+    for CP), within fp32 tolerance (atol 1e-6, rtol 1e-5)."""
+    attention = _attention(world, mask_type)
+    q, k, v = _qkv(16, batch=1 if cu_seqlens else 2)
+    kwargs = {}
+    if cu_seqlens is not None:
+        q, k, v = (t.squeeze(1) for t in (q, k, v))
+        cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+        kwargs["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu
+        )
+    mask = None
+    if padded_keys:
+        mask = torch.zeros(2, 1, 1, 16, dtype=torch.bool)
+        mask[1, ..., -padded_keys:] = True
+
+    def masked(q, k, v):
+        thd = q.dim() == 3
+        if thd:
+            q, k, v = (t.unsqueeze(1) for t in (q, k, v))
+        out = attention._masked_attention(q, k, v, mask, mask_type, kwargs.get("packed_seq_params"))
+        return out.flatten(2).squeeze(1) if thd else out.flatten(2)
+
+    fused = _forward_and_grads(lambda q, k, v: attention(q, k, v, mask, **kwargs), q, k, v)
+    for ours, reference in zip(fused, _forward_and_grads(masked, q, k, v), strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)

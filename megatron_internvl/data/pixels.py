@@ -8,10 +8,12 @@ JPEG re-compression, so the host path avoids every other one).
 
 `resize_bicubic` is InternVL's resize on the CPU: torch's antialiased bicubic for uint8 images
 uses PIL's filter (a = -0.5, support widened by the downscale factor) and PIL's fixed-point
-arithmetic with a rounding step between the two passes, in AVX2. Measured on the benchmark's
-photos: 3-6x faster per core than PIL's resize and 2-3x faster than DALI's CPU resize, and
-within 2 uint8 levels of PIL (mean difference ~0.003 levels), where DALI's float intermediates
-are up to ~20 levels apart (see `tests/test_data_tiler.py`).
+arithmetic with a rounding step between the two passes, in AVX2; the pass order is Pillow's
+(`vertical_pass_first`). Measured on the benchmark's photos: 3-6x faster per core than PIL's
+resize and 2-3x faster than DALI's CPU resize, and within 2 uint8 levels of PIL (mean
+difference ~0.003 levels), where DALI's float intermediates are up to ~20 levels apart (see
+`tests/test_data_tiler.py`); on noise images of every aspect class within 2 levels too
+(`tests/test_data_pixels.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import PIL
 import torch
 
 from megatron_internvl.data.tiling import Grid
@@ -27,8 +30,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resize_bicubic(image_hwc: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """PIL's antialiased bicubic resize of a uint8 [H, W, 3] image: [height, width, 3]."""
+def _pillow_version() -> tuple[int, int]:
+    major, minor = PIL.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def vertical_pass_first(width: int, height: int, new_width: int, new_height: int) -> bool:
+    """Whether the installed Pillow resizes `width` x `height` to `new_width` x `new_height`
+    with its vertical pass first. Each pass rounds to uint8, so the order moves values by up to
+    ~16 levels where one axis grows and the other shrinks (measured on noise). Pillow >= 13
+    (ImagingResampleInner) goes vertical first when the height shrinks by more than twice what
+    the width does; 12.2-12.x (Image.resize) when the image is over 100x taller than wide and
+    the height shrinks; older versions always horizontal first, as torch's kernel does."""
+    shrink = height - new_height
+    version = _pillow_version()
+    if version >= (13, 0):
+        return shrink > 0 and shrink > (width - new_width) * 2
+    if version >= (12, 2):
+        return shrink > 0 and height > width * 100
+    return False
+
+
+def _resize_u8(image_hwc: torch.Tensor, width: int, height: int) -> torch.Tensor:
     # Channels-last views in and out (no copies): the uint8 SIMD kernel works on interleaved
     # RGB and, given a channels-last `out`, skips its conversion to planes (same values as
     # F.interpolate, which returns planes, and ~40% faster; the tiler test checks both).
@@ -42,6 +65,17 @@ def resize_bicubic(image_hwc: torch.Tensor, width: int, height: int) -> torch.Te
         out=out.permute(0, 3, 1, 2),
     )
     return out[0]
+
+
+def resize_bicubic(image_hwc: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """PIL's antialiased bicubic resize of a uint8 [H, W, 3] image: [height, width, 3].
+
+    torch's kernel runs the horizontal pass first (and skips a pass whose axis keeps its size);
+    where Pillow runs the vertical pass first, so does this, as two one-axis resizes."""
+    rows, cols = image_hwc.shape[:2]
+    if rows != height and cols != width and vertical_pass_first(cols, rows, width, height):
+        image_hwc = _resize_u8(image_hwc, cols, height)
+    return _resize_u8(image_hwc, width, height)
 
 
 def cut_tiles(
@@ -71,6 +105,17 @@ def cut_tiles(
     if thumb_hwc is not None:
         np.copyto(out[n].numpy(), thumb_hwc.numpy())
     return out
+
+
+def tile_image(
+    image_hwc: torch.Tensor, grid: Grid, image_size: int, thumbnail: bool
+) -> torch.Tensor:
+    """InternVL's `dynamic_preprocess` on the CPU: uint8 [H, W, 3] -> tiles_u8 [n, S, S, 3]
+    (resize to the grid, cut row-major, then the thumbnail when asked)."""
+    cols, rows = grid
+    grid_hwc = resize_bicubic(image_hwc, cols * image_size, rows * image_size)
+    thumb = resize_bicubic(image_hwc, image_size, image_size) if thumbnail else None
+    return cut_tiles(grid_hwc, thumb, grid, image_size)
 
 
 _AFFINE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -47,7 +47,7 @@ from nvidia.dali.pipeline import Pipeline
 from PIL import Image
 
 from megatron_internvl.data.dali_pipeline import as_torch, decode, distort, image_graph
-from megatron_internvl.data.pixels import cut_tiles, resize_bicubic
+from megatron_internvl.data.pixels import cut_tiles, tile_image
 from megatron_internvl.data.tiling import Grid, choose_grid
 
 
@@ -268,10 +268,7 @@ class ImageTiler:
         def task(i: int) -> torch.Tensor:
             # A zero-copy view of DALI's output: used before the pipeline runs again.
             image = torch.from_numpy(np.asarray(decoded[i]))
-            cols, rows = grids[i]
-            grid_hwc = resize_bicubic(image, cols * size, rows * size)
-            thumb = resize_bicubic(image, size, size) if self._thumb(grids[i]) else None
-            tiles_u8 = cut_tiles(grid_hwc, thumb, grids[i], size)
+            tiles_u8 = tile_image(image, grids[i], size, self._thumb(grids[i]))
             if jpeg:
                 self._distort_tiles(tiles_u8.numpy(), jobs[i].quality)
             return tiles_u8

@@ -3,16 +3,19 @@
 - `LocalNorm`: LayerNorm or RMSNorm that works under sequence parallelism. Megatron's torch
   norm refuses SP; SP only needs the norm's weights marked `sequence_parallel` so that
   `finalize_model_grads` all-reduces their gradients across the tensor-parallel group.
-- `LocalCoreAttention`: softmax attention with masks built from *global* token positions, so
-  one implementation covers causal and bidirectional attention, packed rows (block-diagonal by
-  `cu_seqlens`) and context parallelism over Megatron's load-balanced split (keys and values
-  all-gathered over the CP group). It is the plain reference that the TE path is checked against.
+- `LocalCoreAttention`: without context parallelism, torch's fused attention (flash on the
+  CPU) per packed sub-sequence; with CP (or dropout, or a mask on packed rows), softmax
+  attention with masks built from *global* token positions, covering causal and bidirectional
+  attention, packed rows (block-diagonal by `cu_seqlens`) and Megatron's load-balanced CP split
+  (keys and values all-gathered over the CP group). Both are checked equal (tests), and are the
+  plain reference that the TE path is checked against.
 
 Both run on any device; the local spec uses them on CPU and as a GPU reference.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -114,6 +117,76 @@ class LocalCoreAttention(MegatronModule):
         if thd:
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         sq, batch, heads, head_dim = query.shape
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        dropout = self.training and self.dropout.p > 0
+        bounds = self._segments(sq, packed_seq_params)
+        # SDPA takes a causal flag or a mask, not both; a mask must cover the whole row.
+        plain = attention_mask is None or (len(bounds) == 2 and mask_type != AttnMaskType.causal)
+        if self.cp_group is None and not dropout and plain:
+            context = self._fused_attention(query, key, value, attention_mask, mask_type, bounds)
+        else:
+            context = self._masked_attention(
+                query, key, value, attention_mask, mask_type, packed_seq_params
+            )
+        context = context.reshape(sq, batch, heads * head_dim)
+        return context.squeeze(1) if thd else context
+
+    def _segments(self, length: int, packed_seq_params: PackedSeqParams | None) -> list[int]:
+        """Sub-sequence boundaries of a row without CP: [0, ..., length]."""
+        edges = {0, length}
+        if self.cp_group is None and packed_seq_params is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q.detach().to("cpu", torch.long).tolist()
+            edges.update(b for b in cu_seqlens[1:] if 0 < b < length)
+        return sorted(edges)
+
+    def _fused_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mask_type: AttnMaskType,
+        bounds: list[int],
+    ) -> torch.Tensor:
+        """Without CP or dropout: torch's fused attention (flash on the CPU: no [s, s] scores in
+        memory) once per packed sub-sequence, each attending to itself only; an extra mask only
+        on unpacked, non-causal rows (the ViT's padded keys). The same attention as
+        `_masked_attention` within fp32 tolerance (another summation order)."""
+        causal = mask_type == AttnMaskType.causal
+        gqa = query.size(2) != key.size(2)
+        allowed = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
+        # [s, b, h, d] -> [b, h, s, d] views; the kernel takes strided inputs.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if len(bounds) == 2:
+            out = F.scaled_dot_product_attention(
+                q, k, v, allowed, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa
+            )
+            return out.permute(2, 0, 1, 3)
+        context = query.new_empty(query.shape)
+        for start, end in itertools.pairwise(bounds):
+            part = F.scaled_dot_product_attention(
+                q[:, :, start:end],
+                k[:, :, start:end],
+                v[:, :, start:end],
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=gqa,
+            )
+            context[start:end] = part.permute(2, 0, 1, 3)
+        return context
+
+    def _masked_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mask_type: AttnMaskType,
+        packed_seq_params: PackedSeqParams | None,
+    ) -> torch.Tensor:
+        """The general case (context parallelism, an extra mask, dropout): softmax over scores
+        masked by global token positions."""
+        sq, _, heads, _ = query.shape
         if self.cp_group is not None:
             key = all_gather_dim0(key, self.cp_group)
             value = all_gather_dim0(value, self.cp_group)
@@ -122,7 +195,6 @@ class LocalCoreAttention(MegatronModule):
         q_pos, k_pos = q_pos.to(query.device), k_pos.to(query.device)
         cu_seqlens = cu_seqlens.to(query.device)
         allowed_qk = _segment_ids(q_pos, cu_seqlens)[:, None] == _segment_ids(k_pos, cu_seqlens)
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if mask_type == AttnMaskType.causal:
             allowed_qk &= k_pos[None, :] <= q_pos[:, None]
         blocked = ~allowed_qk[None, None]  # [1, 1, sq, sk]
@@ -143,6 +215,4 @@ class LocalCoreAttention(MegatronModule):
             else:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     probs = self.dropout(probs)
-        context = torch.einsum("bhst,tbhd->sbhd", probs, value)
-        context = context.reshape(sq, batch, heads * head_dim)
-        return context.squeeze(1) if thd else context
+        return torch.einsum("bhst,tbhd->sbhd", probs, value)
