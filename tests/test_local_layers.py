@@ -139,6 +139,9 @@ def _forward_and_grads(forward, q, k, v):
         (AttnMaskType.padding, [0, 7, 16], 0),  # bidirectional, packed
         (AttnMaskType.causal, None, 0),
         (AttnMaskType.padding, None, 3),  # the ViT: padded keys masked
+        # samples of 5 and 7 tokens padded to 8 (CP/FP8 packing): tokens lie at the padded
+        # boundaries, cu_seqlens_q_padded
+        (AttnMaskType.causal, ([0, 5, 12], [0, 8, 16]), 0),
     ],
 )
 def test_fused_attention_equals_the_masked_softmax(world, mask_type, cu_seqlens, padded_keys):
@@ -150,9 +153,15 @@ def test_fused_attention_equals_the_masked_softmax(world, mask_type, cu_seqlens,
     kwargs = {}
     if cu_seqlens is not None:
         q, k, v = (t.squeeze(1) for t in (q, k, v))
-        cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+        real, padded = cu_seqlens if isinstance(cu_seqlens, tuple) else (cu_seqlens, None)
+        cu = torch.tensor(real, dtype=torch.int32)
+        cu_padded = None if padded is None else torch.tensor(padded, dtype=torch.int32)
         kwargs["packed_seq_params"] = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=cu_padded,
+            cu_seqlens_kv_padded=cu_padded,
         )
     mask = None
     if padded_keys:

@@ -135,7 +135,10 @@ class LocalCoreAttention(MegatronModule):
         """Sub-sequence boundaries of a row without CP: [0, ..., length]."""
         edges = {0, length}
         if self.cp_group is None and packed_seq_params is not None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q.detach().to("cpu", torch.long).tolist()
+            # Tokens lie at the padded boundaries when samples are padded (THD convention).
+            padded = packed_seq_params.cu_seqlens_q_padded
+            bounds = packed_seq_params.cu_seqlens_q if padded is None else padded
+            cu_seqlens = bounds.detach().to("cpu", torch.long).tolist()
             edges.update(b for b in cu_seqlens[1:] if 0 < b < length)
         return sorted(edges)
 
