@@ -186,3 +186,29 @@ def test_fill_rate_on_a_realistic_length_mix(seq_length, image_fraction):
         f"(image fraction {image_fraction}, dropped overlong {stats.dropped_overlong})"
     )
     assert fill >= 0.97
+
+
+def test_samples_padded_for_context_parallelism_by_hand():
+    """pad_to_multiple=4 (CP2): each sample occupies a multiple of 4 tokens; the padding follows
+    its sample, weighs nothing, and `cu_seqlens` keep the real lengths (THD convention)."""
+    a = Sample([10, 11, 12, 13, 14], [M, M, 12, 13, 14], payload="a")
+    b = Sample([20, 21, 22], [M, 21, 22], payload="b")
+    cfg = PackingConfig(seq_length=12, loss_reduction="token", pad_to_multiple=4)
+    packer = SequencePacker(cfg)
+    assert packer.add(a) == []
+    (row,) = packer.add(b)  # 8 + 4 padded tokens fill the row
+    assert row.input_ids.tolist() == [10, 11, 12, 13, 14, 0, 0, 0, 20, 21, 22, 0]
+    assert row.labels.tolist() == [M, 12, 13, 14, M, M, M, M, 21, 22, M, M]
+    assert row.loss_weights.tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0]
+    assert row.cu_seqlens.tolist() == [0, 5, 8]
+    assert row.cu_seqlens_padded.tolist() == [0, 8, 12]
+    # Fill rate counts only real tokens: 8 of 12 (layout padding is waste).
+    assert packer.stats.layout_padding == 4 and packer.stats.fill_rate == pytest.approx(8 / 12)
+    batch = collate_rows([row, row])
+    assert batch["cu_seqlens"].tolist() == [0, 5, 8, 13, 16]
+    assert batch["cu_seqlens_padded"].tolist() == [0, 8, 12, 20, 24]
+
+
+def test_seq_length_must_hold_whole_padded_samples():
+    with pytest.raises(ValueError, match="multiple of pad_to_multiple=4"):
+        PackingConfig(seq_length=10, pad_to_multiple=4)

@@ -139,7 +139,7 @@ def _nan_on_rank_one() -> list[bool]:
     import torch
     import torch.distributed as dist
 
-    from megatron_internvl.training.loop import _all_finite
+    from megatron_internvl.training.step import all_finite as _all_finite
 
     param = torch.nn.Parameter(torch.zeros(3))
     param.main_grad = torch.ones(3)

@@ -55,7 +55,8 @@ class ParallelSection:
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks."""
     gpus: int | None = None
-    """The world size the recipe was laid out for (checked by the launcher), or None."""
+    """The world size the recipe was laid out for (a run with another world size is refused
+    before anything is allocated), or None: any world size."""
 
 
 @dataclass
@@ -92,6 +93,12 @@ class TrainSection:
     """What a NaN/Inf loss or gradient does: "skip" the step or "stop" the run."""
     max_skipped_steps: int = 10
     """Stop after this many skipped steps in a row."""
+    valid_interval: int = 0
+    """Evaluate the validation loss (data.valid_shards) every N optimizer steps; 0: only after
+    the last step. It is always evaluated after the last step when data.valid_shards is set."""
+    valid_batches: int | None = None
+    """Global batches (train.global_batch rows each) of the held-out set per evaluation; None:
+    the whole set. Every evaluation reads the set from its start."""
 
 
 @dataclass
@@ -115,6 +122,16 @@ class DataSection:
     """Directory of a HF tokenizer (source=shards)."""
     max_tiles_per_image: int = 12
     """Dynamic-tiling cap per image (12 in pretraining, 6 in fine-tuning)."""
+    prefetch: int = 2
+    """Micro-batches prepared ahead in background threads while a step computes (shards);
+    0: prepared on the training thread when the step asks."""
+    pad_to_multiple: int | None = None
+    """Pad every packed sample to a multiple of this many tokens (masked from loss and
+    attention); None: what the parallel layout needs (2 x context, 16 with FP8). A fixed value
+    (a multiple of that need) makes the rows identical across layouts."""
+    valid_shards: list[str] | None = None
+    """Held-out shard paths or directories (same format as `shards`) for the validation loss
+    (train.valid_interval, train.valid_batches); None: no validation."""
 
 
 @dataclass

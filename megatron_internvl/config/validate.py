@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -70,6 +71,12 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
                 f"{rest // stages} layers per stage do not split into "
                 f"virtual_pipeline={layout.virtual_pipeline} chunks"
             )
+    if cfg.parallel.gpus is not None and cfg.parallel.gpus != world_size:
+        errors.append(
+            f"the recipe is laid out for parallel.gpus={cfg.parallel.gpus} ranks but "
+            f"{world_size} started; start {cfg.parallel.gpus} ranks, or set "
+            f"parallel.gpus={world_size} (or null) after checking the layout fits"
+        )
     if world_size % layout.model_parallel:
         errors.append(
             f"tensor x pipeline x context = {layout.model_parallel} does not divide "
@@ -84,14 +91,7 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
                 f"micro_batch x data_parallel = {cfg.train.micro_batch} x {dp}; use "
                 f"a multiple of {per_step}"
             )
-    seq = cfg.data.seq_length
-    if layout.context > 1 and seq % (2 * layout.context):
-        errors.append(f"seq_length={seq} is not divisible by 2 x context={2 * layout.context}")
-    if layout.sequence_parallel and seq % tp:
-        errors.append(
-            f"seq_length={seq} is not divisible by tensor_parallel={tp} (needed "
-            "by sequence parallelism)"
-        )
+    errors += _sequence_errors(cfg, layout)
     if cfg.model.fp8_recipe and cfg.model.backend != "te":
         errors.append("FP8 needs the Transformer Engine backend: set model.backend=te")
     if cfg.model.fp8_recipe and cfg.model.dtype != "bfloat16":
@@ -111,6 +111,9 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
         errors.append(f"train.stage={cfg.train.stage!r}; use '1', '1.5' or '2'")
     if cfg.train.nonfinite not in ("skip", "stop"):
         errors.append(f"train.nonfinite={cfg.train.nonfinite!r}; use 'skip' or 'stop'")
+    errors += _validation_set_errors(cfg)
+    if cfg.data.prefetch < 0:
+        errors.append(f"data.prefetch={cfg.data.prefetch}; use 0 (off) or a positive depth")
     memory_gb = cfg.cluster.get("gpu_memory_gb") if cfg.cluster else None
     if memory_gb and not errors:
         need = estimate_memory(cfg, spec, world_size).total_gb
@@ -123,6 +126,91 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
     if errors:
         raise RecipeError(f"{where}: " + "; ".join(errors))
     return layout
+
+
+def packing_multiples(cfg: RunConfig) -> tuple[int, int]:
+    """(tokens each packed sample is padded to a multiple of, tokens a row must be a multiple of).
+
+    Context parallelism cuts every sub-sample into 2 x CP chunks; FP8 GEMMs want multiples of
+    16 (NeMo's packed-sequence rule); sequence parallelism scatters each CP rank's seq/CP tokens
+    over the TP ranks.
+    """
+    p = cfg.parallel
+    per_sample = 2 * p.context if p.context > 1 else 1
+    if cfg.model.fp8_recipe:
+        per_sample = math.lcm(per_sample, 16)
+    if cfg.data.pad_to_multiple is not None:
+        per_sample = cfg.data.pad_to_multiple
+    per_row = per_sample
+    if p.sequence_parallel:
+        per_row = math.lcm(per_row, p.context * p.tensor)
+    return per_sample, per_row
+
+
+def _sequence_errors(cfg: RunConfig, layout: ParallelLayout) -> list[str]:
+    chosen = cfg.data.pad_to_multiple
+    if chosen is not None:
+        needed = packing_multiples(dataclasses.replace(cfg, data=_without_padding(cfg)))[0]
+        if chosen < 1 or chosen % needed:
+            return [
+                f"data.pad_to_multiple={chosen} is not a positive multiple of {needed} (what "
+                "context parallelism / FP8 need); use a multiple of it or null"
+            ]
+    seq = cfg.data.seq_length
+    per_sample, per_row = packing_multiples(cfg)
+    if seq % per_row:
+        needs = [f"2 x context={2 * layout.context}"] if layout.context > 1 else []
+        needs += ["16 (FP8)"] if cfg.model.fp8_recipe else []
+        if layout.sequence_parallel:
+            needs.append(f"context x tensor={layout.context * layout.tensor} (sequence parallel)")
+        return [
+            f"data.seq_length={seq} is not a multiple of {per_row} (the least common multiple "
+            f"of {', '.join(needs)}); use e.g. {max(per_row, seq - seq % per_row)}"
+        ]
+    # Synthetic rows hold samples of seq/4, seq/2 and seq/4 tokens, unpadded.
+    if cfg.data.source == "synthetic" and per_sample > 1 and seq % (4 * per_sample):
+        return [
+            f"data.source=synthetic with context={layout.context}: its samples of "
+            f"seq_length/4 tokens must be multiples of {per_sample}; use a data.seq_length "
+            f"that is a multiple of {4 * per_sample}"
+        ]
+    return []
+
+
+def _without_padding(cfg: RunConfig):
+    return dataclasses.replace(cfg.data, pad_to_multiple=None)
+
+
+def _validation_set_errors(cfg: RunConfig) -> list[str]:
+    """data.valid_shards, train.valid_interval and train.valid_batches."""
+    errors = []
+    t, data = cfg.train, cfg.data
+    if t.valid_interval < 0:
+        errors.append(
+            f"train.valid_interval={t.valid_interval}; use 0 (evaluate after the last step "
+            "only) or a positive number of steps"
+        )
+    if t.valid_batches is not None and t.valid_batches < 1:
+        errors.append(
+            f"train.valid_batches={t.valid_batches}; use a positive number of global batches, "
+            "or null for the whole held-out set"
+        )
+    if data.valid_shards is not None:
+        if data.source != "shards":
+            errors.append(
+                f"data.valid_shards needs data.source=shards (got {data.source!r}); remove "
+                "data.valid_shards or train on shards"
+            )
+        if not data.valid_shards:
+            errors.append(
+                "data.valid_shards=[] holds no shards; list held-out shard paths or set it null"
+            )
+    elif t.valid_interval or t.valid_batches is not None:
+        errors.append(
+            "train.valid_interval / train.valid_batches are set but data.valid_shards is not; "
+            "set data.valid_shards=[<held-out shard dir or .tar>, ...]"
+        )
+    return errors
 
 
 @dataclass(frozen=True)

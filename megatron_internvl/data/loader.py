@@ -85,7 +85,9 @@ class LoaderConfig:
 
     seq_length: int = 16384
     micro_batch_size: int = 1
-    """Rows per micro-batch; packed training uses 1 (forward steps take one row's cu_seqlens)."""
+    """Rows per micro-batch (the training step runs them as one row of b * seq_length tokens)."""
+    pad_to_multiple: int = 1
+    """Each sample occupies a multiple of this many tokens (2 x CP; see `packing`)."""
     max_tiles_per_row: int = 48
     max_tiles_per_sample: int = 48
     open_rows: int = 16
@@ -100,6 +102,9 @@ class LoaderConfig:
     stream does not depend on it)."""
     max_skip_fraction: float = 0.01
     skip_check_after: int = 1000
+    epochs: int | None = None
+    """Stop after this many passes over the (single) dataset, the last rows flushed and the
+    last micro-batch filled up with all-padding rows; None loops forever (training)."""
     tiler: TilerConfig = field(default_factory=TilerConfig)
 
 
@@ -146,6 +151,11 @@ class InternVLLoader:
     ) -> None:
         if not datasets:
             raise ValueError("loader: no datasets given")
+        if cfg.epochs is not None and len(datasets) != 1:
+            raise ValueError(
+                f"loader: epochs={cfg.epochs} needs exactly one dataset, got {len(datasets)}; "
+                "list every shard of a finite set in one DatasetSpec"
+            )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"loader: need 0 <= dp_rank < dp_size, got {dp_rank}, {dp_size}")
         weights = np.asarray([d.weight for d in datasets], dtype=np.float64)
@@ -174,6 +184,7 @@ class InternVLLoader:
                 open_rows=cfg.open_rows,
                 loss_reduction=cfg.loss_reduction,
                 pad_token_id=tokenizer.pad_token_id or 0,
+                pad_to_multiple=cfg.pad_to_multiple,
             )
         )
         self.image_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
@@ -183,6 +194,7 @@ class InternVLLoader:
         self.seen = 0
         self.skips: Counter = Counter()
         self.micro_batches = 0
+        self.exhausted = False
         self._orders: dict[tuple[int, int], np.ndarray] = {}
 
     # --- order ---------------------------------------------------------------------------
@@ -204,7 +216,10 @@ class InternVLLoader:
         """`<shard>:<key>` of the samples this rank reads from `dataset` in `epoch`, in order."""
         return [self.entries[dataset][i].name for i in self._order(dataset, epoch)]
 
-    def _next_ref(self) -> SampleRef:
+    def _next_ref(self) -> SampleRef | None:
+        """The next sample's reference, or None once a finite stream (`epochs`) has ended."""
+        if self.cfg.epochs is not None and self.positions[0][0] >= self.cfg.epochs:
+            return None
         if len(self.datasets) == 1:
             dataset = 0
         else:
@@ -290,7 +305,11 @@ class InternVLLoader:
             )
 
     def _fill(self) -> None:
-        refs = [self._next_ref() for _ in range(self.cfg.read_ahead)]
+        refs = [ref for ref in (self._next_ref() for _ in range(self.cfg.read_ahead)) if ref]
+        if not refs:  # a finite stream ended: its last rows leave the packer
+            self.ready += self.packer.flush()
+            self.exhausted = True
+            return
         for sample in self._materialize(refs):
             self.seen += 1
             if isinstance(sample, BadSampleError):
@@ -306,19 +325,28 @@ class InternVLLoader:
         """The next micro-batch.
 
         Keys: `tokens`, `labels` (shifted, -100 where unsupervised), `loss_mask` (float
-        per-token weights), `position_ids` [b, s] int64; `cu_seqlens` int32 boundaries over the
-        b * s flattened tokens; `max_seqlen`; `tile_counts` per sub-sample; `images`
+        per-token weights), `position_ids` [b, s] int64; `cu_seqlens` int32 real lengths and
+        `cu_seqlens_padded` int32 boundaries over the b * s flattened tokens; `max_seqlen`;
+        `tile_counts` per sub-sample; `images`
         [tiles, 3, S, S] float32 in the order of the `<IMG_CONTEXT>` runs (None without
         images); `sample_keys` (`<shard>:<key>` per sub-sample).
         """
         return self.collate(self.next_rows())
 
     def next_rows(self) -> list[PackedRow]:
-        """The rows of the next micro-batch, before `collate` (the loader's state moves on)."""
-        while len(self.ready) < self.cfg.micro_batch_size:
+        """The rows of the next micro-batch, before `collate` (the loader's state moves on).
+
+        A finite stream (`epochs`) raises StopIteration when it has no rows left; its last
+        micro-batch is filled up with all-padding rows (loss weight 0).
+        """
+        size = self.cfg.micro_batch_size
+        while len(self.ready) < size and not self.exhausted:
             self._fill()
-        rows = self.ready[: self.cfg.micro_batch_size]
-        del self.ready[: self.cfg.micro_batch_size]
+        if not self.ready:
+            raise StopIteration
+        rows = self.ready[:size]
+        del self.ready[:size]
+        rows += [self.packer.build_row([]) for _ in range(size - len(rows))]
         self.micro_batches += 1
         return rows
 
@@ -390,6 +418,7 @@ class InternVLLoader:
         self.seen = state["seen"]
         self.skips = Counter(state["skips"])
         self.micro_batches = state["micro_batches"]
+        self.exhausted = False
         rows = [[tuple(r) for r in row] for row in state["open_rows"] + state["ready_rows"]]
         flat = [ref for row in rows for ref in row]
         samples = iter(self._materialize(flat))

@@ -19,6 +19,13 @@ same count, as a sample never supervises its first token) every supervised token
 sum(w * CE) / sum(w). Padding fills the tail of a row as its own final segment, with label -100
 and weight 0.
 
+Layout padding: context parallelism splits every sub-sample into 2 x CP chunks (FP8 kernels want
+multiples of 16), so with `pad_to_multiple` = k each sample occupies its length rounded up to a
+multiple of k; the extra tokens (label -100, weight 0) follow the sample's last token, so causal
+attention never lets a real token see them. `cu_seqlens` holds the real lengths, and
+`cu_seqlens_padded` where each sample lies in the row (Megatron/TE's THD convention).
+`PackingStats.fill_rate` counts real tokens only: the layout padding is reported as waste.
+
 Over-long samples (more than `seq_length` tokens) are dropped by default: cutting one in the
 middle would cut an image's `<IMG_CONTEXT>` run (the ViT tokens would no longer match) or an
 answer before its `<|im_end|>`. `overlong="truncate"` keeps the head when the cut falls after
@@ -51,6 +58,8 @@ class PackingConfig:
     image_context_id: int | None = None
     """Id of <IMG_CONTEXT>; needed by overlong="truncate" to avoid cutting image tokens."""
     pad_token_id: int = 0
+    pad_to_multiple: int = 1
+    """Each sample occupies a multiple of this many tokens (2 x CP, 16 for FP8; see above)."""
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("token", "sample", "square"):
@@ -64,6 +73,11 @@ class PackingConfig:
             raise ValueError(
                 "packing: overlong='truncate' needs image_context_id (the <IMG_CONTEXT> id) so "
                 "that a cut never splits an image's tokens"
+            )
+        if self.pad_to_multiple < 1 or self.seq_length % self.pad_to_multiple:
+            raise ValueError(
+                f"packing: seq_length={self.seq_length} must be a multiple of "
+                f"pad_to_multiple={self.pad_to_multiple} (>= 1)"
             )
         if self.seq_length < 2 or self.open_rows < 1 or self.max_tiles_per_row < 0:
             raise ValueError(
@@ -93,7 +107,10 @@ class PackedRow:
     loss_weights: np.ndarray
     position_ids: np.ndarray
     cu_seqlens: np.ndarray
-    """[segments + 1] int32 offsets; the padding, if any, is the last segment."""
+    """[segments + 1] int32 offsets of the real tokens (the row's tail padding, if any, is the
+    last segment and counts as real there)."""
+    cu_seqlens_padded: np.ndarray
+    """[segments + 1] int32 offsets of each segment in the row (with layout padding)."""
     tile_counts: list[int]
     """Tiles of each sub-sample, in order (padding excluded)."""
     payloads: list[Any]
@@ -135,10 +152,13 @@ class PackingStats:
     truncated: int = 0
     rows: int = 0
     tokens: int = 0
+    layout_padding: int = 0
+    """Tokens added to round samples up to `pad_to_multiple` (waste, like the rows' tails)."""
 
     @property
     def fill_rate(self) -> float:
-        """Fraction of row positions holding real tokens (not padding)."""
+        """Fraction of row positions holding real tokens (layout padding and tails count as
+        waste)."""
         return self.tokens / max(1, self.rows * self.seq_length)
 
 
@@ -166,7 +186,8 @@ class SequencePacker:
                 self.stats.dropped_overlong += 1
                 return []
         self.stats.samples_packed += 1
-        length = len(sample.input_ids)
+        length = self.padded_length(len(sample.input_ids))
+        self.stats.layout_padding += length - len(sample.input_ids)
         fits = [
             row
             for row in self.open
@@ -186,6 +207,11 @@ class SequencePacker:
         if len(self.open) > self.cfg.open_rows:
             return [self._close(max(self.open, key=lambda r: r.tokens))]
         return []
+
+    def padded_length(self, length: int) -> int:
+        """Tokens a sample of `length` occupies in a row."""
+        multiple = self.cfg.pad_to_multiple
+        return -(-length // multiple) * multiple
 
     def flush(self) -> list[PackedRow]:
         """Close every open row, fullest first."""
@@ -223,7 +249,7 @@ class SequencePacker:
         self.open = [
             _OpenRow(
                 samples=list(samples),
-                tokens=sum(len(s.input_ids) for s in samples),
+                tokens=sum(self.padded_length(len(s.input_ids)) for s in samples),
                 tiles=sum(s.num_tiles for s in samples),
             )
             for samples in rows
@@ -233,7 +259,7 @@ class SequencePacker:
     def _close(self, row: _OpenRow) -> PackedRow:
         self.open.remove(row)
         self.stats.rows += 1
-        self.stats.tokens += row.tokens
+        self.stats.tokens += sum(len(s.input_ids) for s in row.samples)
         return self.build_row(row.samples)
 
     def build_row(self, samples: Sequence[Sample]) -> PackedRow:
@@ -244,7 +270,7 @@ class SequencePacker:
         labels = np.full(seq, IGNORE_INDEX, dtype=np.int64)
         weights = np.zeros(seq, dtype=np.float32)
         position_ids = np.zeros(seq, dtype=np.int64)
-        cu_seqlens = [0]
+        cu_seqlens, cu_padded = [0], [0]
         start = 0
         for sample in row.samples:
             n = len(sample.input_ids)
@@ -254,18 +280,22 @@ class SequencePacker:
             shifted[:-1] = np.asarray(sample.labels, dtype=np.int64)[1:]
             labels[start:end] = shifted
             weights[start:end] = loss_weights(shifted, self.cfg.loss_reduction)
-            position_ids[start:end] = np.arange(n)
-            cu_seqlens.append(end)
-            start = end
+            occupied = self.padded_length(n)
+            position_ids[start : start + occupied] = np.arange(occupied)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            start += occupied
+            cu_padded.append(start)
         if start < seq:  # padding: its own segment, so no real token attends to it
             position_ids[start:] = np.arange(seq - start)
-            cu_seqlens.append(seq)
+            cu_seqlens.append(cu_seqlens[-1] + seq - start)
+            cu_padded.append(seq)
         return PackedRow(
             input_ids=input_ids,
             labels=labels,
             loss_weights=weights,
             position_ids=position_ids,
             cu_seqlens=np.asarray(cu_seqlens, dtype=np.int32),
+            cu_seqlens_padded=np.asarray(cu_padded, dtype=np.int32),
             tile_counts=[s.num_tiles for s in row.samples],
             payloads=[s.payload for s in row.samples],
             num_tokens=row.tokens,
@@ -284,24 +314,28 @@ def collate_rows(rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
     """Stack rows into a micro-batch.
 
     Returns tokens/labels/loss_weights/position_ids as [B, seq_length]; `cu_seqlens` [segments+1]
-    int32 over the flattened B * seq_length tokens (each row's own offsets, shifted by its start),
-    as a THD attention kernel expects; `max_seqlen` (0-dim); `tile_counts` [sub-samples] int64.
+    int32 real (unpadded) lengths, cumulated over the rows, and `cu_seqlens_padded` where each
+    segment lies in the flattened B * seq_length tokens, as a THD attention kernel expects;
+    `max_seqlen` (0-dim); `tile_counts` [sub-samples] int64.
     """
     if not rows:
         raise ValueError("collate_rows: no rows")
     seq = len(rows[0].input_ids)
-    offsets = [rows[0].cu_seqlens[:1]]
+    real, padded = [rows[0].cu_seqlens[:1]], [rows[0].cu_seqlens_padded[:1]]
     for b, row in enumerate(rows):
         if len(row.input_ids) != seq:
             raise ValueError(f"collate_rows: row {b} has {len(row.input_ids)} tokens, not {seq}")
-        offsets.append(row.cu_seqlens[1:] + b * seq)
-    cu_seqlens = torch.from_numpy(np.concatenate(offsets).astype(np.int32))
+        real.append(row.cu_seqlens[1:] + real[-1][-1])
+        padded.append(row.cu_seqlens_padded[1:] + b * seq)
+    cu_seqlens = torch.from_numpy(np.concatenate(real).astype(np.int32))
+    cu_seqlens_padded = torch.from_numpy(np.concatenate(padded).astype(np.int32))
     return {
         "tokens": torch.from_numpy(np.stack([r.input_ids for r in rows])),
         "labels": torch.from_numpy(np.stack([r.labels for r in rows])),
         "loss_weights": torch.from_numpy(np.stack([r.loss_weights for r in rows])),
         "position_ids": torch.from_numpy(np.stack([r.position_ids for r in rows])),
         "cu_seqlens": cu_seqlens,
-        "max_seqlen": torch.diff(cu_seqlens).max(),
+        "cu_seqlens_padded": cu_seqlens_padded,
+        "max_seqlen": torch.diff(cu_seqlens_padded).max(),
         "tile_counts": torch.tensor([t for r in rows for t in r.tile_counts], dtype=torch.int64),
     }

@@ -28,7 +28,7 @@ from megatron_internvl.models.vision import (
     projector_config,
     vision_transformer_config,
 )
-from megatron_internvl.parallel.context_parallel import split_for_rank
+from megatron_internvl.parallel.context_parallel import context_share
 from megatron_internvl.parallel.layout import ParallelLayout
 
 
@@ -144,12 +144,13 @@ class InternVLModel(MegatronModule):
         sample_keys: list[str] | None = None,
     ) -> torch.Tensor:
         """Full rows in ([b, s] ids, positions and labels); per-token loss of this CP share out."""
-        cp_size = parallel_state.get_context_parallel_world_size()
-        cp_rank = parallel_state.get_context_parallel_rank()
-        cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
-
-        def local(t: torch.Tensor, dim: int) -> torch.Tensor:
-            return split_for_rank(t, dim, cp_size, cp_rank, cu_seqlens)
+        share = context_share(
+            input_ids.size(1),
+            parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_context_parallel_rank(),
+            packed_seq_params,
+        )
+        local = share.local
 
         decoder_input = None
         if self.pre_process:

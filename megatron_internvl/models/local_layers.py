@@ -25,7 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_internvl.parallel.collectives import all_gather_dim0
-from megatron_internvl.parallel.context_parallel import load_balanced_indices
+from megatron_internvl.parallel.context_parallel import context_share
 
 
 class LocalNorm(torch.nn.Module):
@@ -95,13 +95,8 @@ class LocalCoreAttention(MegatronModule):
         self, local_len: int, packed_seq_params: PackedSeqParams | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cp_size, cp_rank = (self.cp_group.size(), self.cp_group.rank()) if self.cp_group else (1, 0)
-        if packed_seq_params is not None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q.detach().to("cpu", torch.long)
-        else:
-            cu_seqlens = torch.tensor([0, local_len * cp_size])
-        q_pos = load_balanced_indices(cu_seqlens, cp_size, cp_rank)
-        k_pos = torch.cat([load_balanced_indices(cu_seqlens, cp_size, r) for r in range(cp_size)])
-        return q_pos, k_pos, cu_seqlens
+        share = context_share(local_len * cp_size, cp_size, cp_rank, packed_seq_params)
+        return share.indices, share.all_indices, torch.tensor(share.boundaries)
 
     def forward(
         self,

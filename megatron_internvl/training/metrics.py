@@ -53,9 +53,10 @@ class MetricsLogger:
         flops: float,
         world_size: int,
         peak_tflops: float | None,
+        fill_rate: float | None = None,
     ) -> None:
         self.skipped_total += int(skipped)
-        if not self.active or (step % self.every and step != 1):
+        if not self.active or not self.due(step):
             return
         tflops_per_gpu = flops / seconds / world_size / 1e12
         peak = peak_tflops or device_peak_tflops()
@@ -69,6 +70,7 @@ class MetricsLogger:
             "throughput/model_tflops_per_gpu": tflops_per_gpu,
             "throughput/mfu": tflops_per_gpu / peak if peak else None,
             "memory/gb": memory_gb(),
+            "data/packing_fill_rate": fill_rate,
         }
         if self.writer is not None:
             for name, value in scalars.items():
@@ -78,12 +80,27 @@ class MetricsLogger:
         loss_text = "skipped (non-finite)" if skipped else f"{loss:.4f}"
         norm_text = f"{grad_norm:.3f}" if grad_norm is not None else "-"
         mfu = f" | MFU {scalars['throughput/mfu']:.1%}" if scalars["throughput/mfu"] else ""
+        mfu += f" | packed {fill_rate:.1%}" if fill_rate is not None else ""
         print(
             f"step {step:6d} | loss {loss_text} | lr {lr:.3e} | grad norm {norm_text} | "
             f"{tokens / seconds:,.0f} tok/s | {tflops_per_gpu:.4f} TFLOP/s/GPU{mfu} | "
             f"mem {scalars['memory/gb']:.2f} GB",
             flush=True,
         )
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` is logged (every `every` steps, and the first)."""
+        return step % self.every == 0 or step == 1
+
+    def validation(self, step: int, loss: float | None) -> None:
+        """The held-out loss evaluated after optimizer step `step` (`valid/loss`)."""
+        if not self.active:
+            return
+        if self.writer is not None and loss is not None:
+            self.writer.add_scalar("valid/loss", loss, step)
+            self.writer.flush()
+        text = f"{loss:.4f}" if loss is not None else "- (no supervised token)"
+        print(f"step {step:6d} | validation loss {text}", flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -7,6 +7,7 @@ same number, and the same gradients, whatever the parallel layout.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -22,7 +23,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_internvl.parallel.context_parallel import split_for_rank
+from megatron_internvl.parallel.context_parallel import context_share
 
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -93,6 +94,35 @@ def forward_backward(
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
+def all_finite(model: list[torch.nn.Module], loss: float | None) -> bool:
+    """Collective: False on every rank if any rank sees a NaN/Inf loss or gradient.
+
+    One reduction per gradient buffer on the device (Megatron DDP keeps every gradient in a few
+    contiguous buffers), one all-reduce and one host sync for the whole model.
+    """
+    device = torch.cuda.current_device()
+    local_bad = [torch.tensor(loss is None or not math.isfinite(loss), device=device)]
+    for grads in _gradient_tensors(model):
+        local_bad.append(~torch.isfinite(grads).all())
+    flag = torch.stack(local_bad).any().float().reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _gradient_tensors(model: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """The DDP chunks' gradient buffers (a plain module: its parameters' `main_grad`)."""
+    tensors = []
+    for chunk in model:
+        buffers = getattr(chunk, "buffers", None)
+        if isinstance(buffers, list):
+            tensors += [b.grad_data for b in buffers + chunk.expert_parallel_buffers]
+        else:
+            tensors += [
+                p.main_grad for p in chunk.parameters() if getattr(p, "main_grad", None) is not None
+            ]
+    return tensors
+
+
 def to_device(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch's tensors on this rank's device (loaders hand out host tensors; images may
     already be on the GPU when DALI decoded them there)."""
@@ -101,6 +131,23 @@ def to_device(batch: dict[str, Any]) -> dict[str, Any]:
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
         for k, v in batch.items()
     }
+
+
+ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def flatten_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """b packed rows ([b, s]) as one row of b * s tokens ([1, b * s]).
+
+    Attention stays inside each sub-sample (`cu_seqlens` already counts over the flattened
+    tokens) and images are in row-major order, so this changes no number; it lets THD kernels,
+    the CP split and pipeline shapes see one sequence.
+    """
+    if batch["tokens"].size(0) == 1:
+        return batch
+    if batch.get("cu_seqlens") is None:
+        raise ValueError("a micro-batch of several rows needs cu_seqlens (packed rows)")
+    return {k: v.reshape(1, -1) if k in ROW_KEYS else v for k, v in batch.items()}
 
 
 def bind_loss(loss_mask: torch.Tensor) -> LossFunc:
@@ -116,9 +163,12 @@ def language_model_forward_step(
     Each context-parallel rank keeps its load-balanced share of the sequence.
     """
     batch = to_device(next(data_iterator))
-    cp_size = parallel_state.get_context_parallel_world_size()
-    cp_rank = parallel_state.get_context_parallel_rank()
-    batch = {k: split_for_rank(v, 1, cp_size, cp_rank) for k, v in batch.items()}
+    share = context_share(
+        batch["tokens"].size(1),
+        parallel_state.get_context_parallel_world_size(),
+        parallel_state.get_context_parallel_rank(),
+    )
+    batch = {k: share.local(v, 1) for k, v in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, bind_loss(batch["loss_mask"])
 
@@ -129,23 +179,13 @@ def internvl_forward_step(
     """Forward one InternVL microbatch.
 
     Keys: tokens, labels, loss_mask, position_ids ([b, s] full rows), images ([tiles, 3, S, S]
-    or absent for text-only), cu_seqlens (sub-sample boundaries of a packed row, b == 1) and
-    sample_keys (for error messages). The model splits the row for context parallelism; the
-    loss mask is split the same way here.
+    or absent for text-only), cu_seqlens (sub-sample boundaries over the b * s tokens) and
+    sample_keys (for error messages). A micro-batch of b packed rows runs as one row of b * s
+    tokens (`flatten_rows`): the schedule is called with seq_length b * s and micro-batch 1.
+    The model splits the row for context parallelism; the loss mask is split the same way here.
     """
-    batch = to_device(next(data_iterator))
-    cu_seqlens = batch.get("cu_seqlens")
-    packed = None
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32)
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        packed = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu_seqlens,
-            cu_seqlens_kv=cu_seqlens,
-            max_seqlen_q=longest,
-            max_seqlen_kv=longest,
-        )
+    batch = flatten_rows(to_device(next(data_iterator)))
+    packed = packed_seq_params(batch)
     output = model(
         batch["tokens"],
         batch["position_ids"],
@@ -154,7 +194,33 @@ def internvl_forward_step(
         packed_seq_params=packed,
         sample_keys=batch.get("sample_keys"),
     )
-    cp_size = parallel_state.get_context_parallel_world_size()
-    cp_rank = parallel_state.get_context_parallel_rank()
-    loss_mask = split_for_rank(batch["loss_mask"], 1, cp_size, cp_rank, cu_seqlens)
-    return output, bind_loss(loss_mask)
+    share = context_share(
+        batch["loss_mask"].size(1),
+        parallel_state.get_context_parallel_world_size(),
+        parallel_state.get_context_parallel_rank(),
+        packed,
+    )
+    return output, bind_loss(share.local(batch["loss_mask"], 1))
+
+
+def packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams | None:
+    """THD boundaries of a packed micro-batch: `cu_seqlens` (real tokens of each sub-sample)
+    and, when the packer padded the samples, `cu_seqlens_padded` (where they lie in the row;
+    attention, RoPE and the CP split follow these, the padding is masked out)."""
+    cu_seqlens = batch.get("cu_seqlens")
+    if cu_seqlens is None:
+        return None
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    padded = batch.get("cu_seqlens_padded")
+    padded = None if padded is None else padded.to(torch.int32)
+    extent = padded if padded is not None else cu_seqlens
+    longest = int((extent[1:] - extent[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
