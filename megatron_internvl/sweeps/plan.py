@@ -114,13 +114,20 @@ def _sample_rows(run_cfg: Any, spec: Any, tokenizer: Any, count: int) -> list[di
 
     source = data_source(run_cfg, spec, 0, 1, tokenizer)
     rows = []
-    for _ in range(count):
-        (row,) = source.next_microbatches(1)
-        tiles = 0 if row.get("images") is None else row["images"].size(0)
-        rows.append(
-            {"cu_seqlens": row["cu_seqlens"], "images": torch.empty(tiles, 0) if tiles else None}
-        )
-        del row
+    try:
+        for _ in range(count):
+            (row,) = source.next_microbatches(1)
+            tiles = 0 if row.get("images") is None else row["images"].size(0)
+            rows.append(
+                {
+                    "cu_seqlens": row["cu_seqlens"],
+                    "images": torch.empty(tiles, 0) if tiles else None,
+                }
+            )
+            del row
+    finally:
+        if hasattr(source, "close"):  # shard sources run prefetch threads
+            source.close()
     return rows
 
 

@@ -56,7 +56,7 @@ def write_report(
         *([f"**Note:** {fit['loss_note']}.", ""] if fit.get("loss_note") else []),
         "Compute C is the model FLOPs of training (training/flops.py, the MFU formula): ViT and "
         "projector once per image tile, LLM over every packed token, x3 for forward + backward. "
-        "N is non-embedding parameters (ViT + projector + LLM without its embeddings), D the LLM "
+        f"N is {fit.get('params_name', 'non-embedding parameters')}, D the LLM "
         "tokens trained on. Intervals are bootstrap 95% ranges; a constant the points cannot "
         "determine (at a bound, a degenerate or huge interval, a negligible term) is reported "
         "as not identifiable, with the reason.",
