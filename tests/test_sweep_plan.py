@@ -157,7 +157,7 @@ def test_cluster_sweep_recipes_plan_at_their_scale(name, tmp_path):
         [
             f"output_dir={tmp_path}",
             "flops.sample_rows=1",
-            "overrides=['data.source=synthetic','train.lr=2e-4']",
+            "overrides=['data.source=synthetic','parallel.gpus=null','train.lr=2e-4']",
         ],
     )
     plan = build_plan(cfg)
