@@ -500,7 +500,11 @@ def fit_sweep(
     if split:
         with_embeddings = params in ("total", "language_total")
         x = [
-            [r["n_vision"], r["n_language"] + with_embeddings * r["n_embedding"], r["tokens"]]
+            [
+                r["n_vision"],
+                r["n_language"] + (r["n_embedding"] if with_embeddings else 0),
+                r["tokens"],
+            ]
             for r in used
         ]
         names = ["Nv", "Nl", "D"]
