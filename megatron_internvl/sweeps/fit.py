@@ -451,12 +451,8 @@ PARAM_NAMES = {
 
 def model_size(row: dict[str, Any], params: str = "non_embedding") -> int:
     """The row's N under `params` (see FitSection.params)."""
-    return {
-        "non_embedding": row["N"],
-        "total": row["N"] + row["n_embedding"],
-        "language": row["n_language"],
-        "language_total": row["n_language"] + row["n_embedding"],
-    }[params]
+    base = row["n_language"] if params.startswith("language") else row["N"]
+    return base + (row["n_embedding"] if params in ("total", "language_total") else 0)
 
 
 def fit_sweep(
