@@ -4,6 +4,8 @@ held-out error."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -144,3 +146,48 @@ def test_fit_sweep_uses_only_finished_points_and_splits_n_when_both_towers_vary(
         r["vit_layers"] = 2 + i % 2
     split = fit_sweep(rows, bootstrap=0)["parametric"]
     assert split["status"] == "skipped: 6 points for 7 constants, need 8"
+
+
+def test_constants_the_points_cannot_determine_are_reported_as_such_without_warnings():
+    """No loss floor (E = 0) and a size term that changes nothing: E, A_N and alpha_N are
+    flagged with the reason, not printed as results; fitting raises no numerical warnings."""
+    n, d = (v.ravel() for v in np.meshgrid(np.logspace(4, 6, 5), np.logspace(5, 8, 5)))
+    rng = np.random.default_rng(3)
+    loss = 300 / d**0.4 * np.exp(rng.normal(0, 0.002, n.size))  # no E, no N dependence
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # overflow, invalid value, ...: a test failure
+        fit = fit_parametric(np.c_[n, d], loss, ["N", "D"], 6 * n * d, bootstrap=30)
+    c = fit["constants"]
+    assert not c["E"]["identifiable"] and "no loss floor" in c["E"]["reason"]
+    assert not c["A_N"]["identifiable"] and not c["alpha_N"]["identifiable"]
+    assert not c["a_N_opt"]["identifiable"]  # derived from alpha_N
+    assert c["alpha_D"]["identifiable"] and c["alpha_D"]["value"] == pytest.approx(0.4, abs=0.02)
+    assert "not identifiable" in fit["warning"]
+
+
+def test_held_out_error_above_the_threshold_is_flagged():
+    n, d, loss = _grid(noise=0.0)
+    bent = loss * np.where(6 * n * d >= np.sort(6 * n * d)[-7], 1.3, 1.0)  # the law breaks
+    fit = fit_parametric(np.c_[n, d], bent, ["N", "D"], 6 * n * d, bootstrap=0)
+    assert fit["heldout"]["max_relative_error"] > 0.05
+    assert fit["heldout"]["within_threshold"] is False
+    clean = fit_parametric(np.c_[n, d], loss, ["N", "D"], 6 * n * d, bootstrap=0)
+    assert clean["heldout"]["within_threshold"] is True
+
+
+def test_sweeps_fit_validation_loss_when_every_point_has_one_and_say_which():
+    n, d, loss = _grid(noise=0.0)
+    rows = [
+        {"id": f"p{i}", "status": "done", "smoothed_loss": float(loss[i]) + 1.0,
+         "valid_loss": float(loss[i]), "flops": 6 * n[i] * d[i], "N": n[i], "tokens": d[i],
+         "vit_layers": 2, "vit_hidden": 32, "llm_layers": i, "llm_hidden": 64, "budget": None}
+        for i in range(len(n))
+    ]  # fmt: skip
+    valid = fit_sweep(rows, bootstrap=0)
+    assert (valid["loss"], valid["quantity"]) == ("valid_loss", "validation loss")
+    assert "loss_note" not in valid
+    assert valid["parametric"]["constants"]["E"]["value"] == pytest.approx(E, rel=0.01)
+    rows[0] = {k: v for k, v in rows[0].items() if k != "valid_loss"}
+    train = fit_sweep(rows, bootstrap=0)
+    assert (train["loss"], train["quantity"]) == ("smoothed_loss", "training loss (smoothed)")
+    assert "valid/loss" in train["loss_note"]

@@ -4,10 +4,11 @@ one Slurm array task per point through the project's launcher."""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,8 @@ from megatron_internvl.sweeps import launch
 from megatron_internvl.sweeps.config import SweepError, compose_sweep
 from megatron_internvl.sweeps.families import scale_spec
 from megatron_internvl.sweeps.plan import build_plan, write_plan
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The demo recipe on generated rows: no shards needed to plan.
 SYNTHETIC = [
@@ -135,11 +138,11 @@ def test_the_multirun_plans_then_refuses_what_it_cannot_run(tmp_path):
 
     dry = run(*app, "-m", *args, "hydra/launcher=basic", "launch.dry_run=true")
     assert dry.returncode == 0, dry.stderr[-2000:]
-    planned = json.loads((tmp_path / "cpu_mini" / "plan.json").read_text())["points"]
+    assert not (tmp_path / "cpu_mini").exists()  # a dry run writes nothing
+    planned = [p.id for p in build_plan(compose_sweep("cpu_mini", args[2:])).points]
     assert f"{len(planned)} to run, 0 already done" in dry.stdout
     jobs = [line for line in dry.stdout.splitlines() if "point=" in line]
     assert [j.rsplit("point=", 1)[1].strip("'") for j in jobs] == planned
-    assert not (tmp_path / "cpu_mini" / "points" / planned[0] / "train.log").exists()
 
     swept = run(*app, "-m", *args, "lr=1e-4,2e-4")
     assert swept.returncode == 2 and "not Hydra's comma sweeps" in swept.stderr
@@ -154,7 +157,7 @@ def test_cluster_sweep_recipes_plan_at_their_scale(name, tmp_path):
         [
             f"output_dir={tmp_path}",
             "flops.sample_rows=1",
-            "overrides=['data.source=synthetic','train.lr=2e-4']",
+            "overrides=['data.source=synthetic','parallel.gpus=null','train.lr=2e-4']",
         ],
     )
     plan = build_plan(cfg)
@@ -186,3 +189,28 @@ def test_a_point_trains_the_scaled_shape_from_its_spec_file(tmp_path):
         point.llm_layers,
         point.llm_hidden,
     )
+
+
+def test_the_readme_cluster_commands_run_as_written_and_write_nothing(tmp_path):
+    """`plan isoflop` and `launch isoflop --dry-run` exactly as the README writes them (from a
+    directory of their own: neither may write anything), and both --help texts."""
+    tool = [sys.executable, str(ROOT / "tools" / "sweep.py")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+        )
+
+    plan = run(*tool, "plan", "isoflop")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert re.search(r"^16 points in runs/sweeps/isoflop_1b", plan.stdout, re.M), plan.stdout
+    assert "dropped: vit24x1024_llm24x1792 at budget 1e+19" in plan.stdout
+    dry = run(*tool, "launch", "isoflop", "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "#SBATCH --array=0-15%8" in dry.stdout and "#SBATCH --nodes=4" in dry.stdout
+    assert list(tmp_path.iterdir()) == []
+    for command in (tool, [sys.executable, "-m", "megatron_internvl.sweeps.app"]):
+        shown = run(*command, "--help")
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        assert "usage" in shown.stdout.lower() and "cpu_scaling" in shown.stdout

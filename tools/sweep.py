@@ -1,6 +1,7 @@
 """Scaling-law sweeps: `python tools/sweep.py COMMAND SWEEP [hydra overrides] [options]`.
 
-COMMAND: plan (print the points), launch (run the points not done yet, as a Hydra multirun:
+COMMAND: plan (print the points; with --write also plan.json and points/), launch (run the
+points not done yet, as a Hydra multirun:
 `python -m megatron_internvl.sweeps.app -m --config-name SWEEP ...`), collect (results.csv),
 fit (fit.json), report (figures + report.md), run (launch, then report), status.
 SWEEP: a recipe in recipes/sweep/ (e.g. cpu_mini); overrides as in Hydra, e.g.
@@ -23,13 +24,21 @@ COMMANDS = ("plan", "launch", "collect", "fit", "report", "run", "status")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from megatron_internvl.sweeps.config import SWEEP_RECIPES
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("sweep", help="recipes/sweep/<name>.yaml")
+    recipes = ", ".join(sorted(p.stem for p in SWEEP_RECIPES.glob("*.yaml")))
+    parser.add_argument("sweep", help=f"a recipe in recipes/sweep/: {recipes}")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the sweep recipe")
     parser.add_argument("--only", action="append", help="run only this point (repeatable)")
     parser.add_argument("--force", action="store_true", help="re-run points already done")
     parser.add_argument("--dry-run", action="store_true", help="print what would run")
+    parser.add_argument(
+        "--write", action="store_true", help="plan: also write plan.json and points/<id>/"
+    )
     args = parser.parse_args(argv)
 
     from megatron_internvl.config.validate import RecipeError
@@ -39,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose_sweep(args.sweep, args.overrides)
         if args.command == "plan":
-            print(commands.describe(commands.plan(cfg)))
+            result = commands.plan(cfg, write=args.write)
+            print(commands.describe(result))
+            if args.write:
+                print(f"plan -> {result.sweep_dir / 'plan.json'}")
             return 0
         code = 0
         if args.command in ("launch", "run"):

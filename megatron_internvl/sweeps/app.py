@@ -28,5 +28,17 @@ def main(config: DictConfig) -> int:
     return run_point(config)
 
 
+def _usage() -> str:
+    recipes = ", ".join(sorted(p.stem for p in SWEEP_RECIPES.glob("*.yaml")))
+    return (
+        f"{__doc__.strip()}\n\nusage: python -m megatron_internvl.sweeps.app --multirun "
+        f"--config-name SWEEP [overrides]\nSWEEP: {recipes}\n"
+        "With --config-name SWEEP, --help shows that sweep's configuration."
+    )
+
+
 if __name__ == "__main__":
+    if {"--help", "-h"} & set(sys.argv[1:]) and "--config-name" not in sys.argv:
+        print(_usage())  # Hydra's own help needs a sweep to describe
+        sys.exit(0)
     main()

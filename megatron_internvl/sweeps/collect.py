@@ -1,6 +1,7 @@
 """Collect a sweep into one table: each point's parameters, FLOPs, tokens, parameter counts,
-final / smoothed / minimum training loss and status, read from the run's own TensorBoard event
-files (with TensorBoard's reader) and saved config.json."""
+final / smoothed / minimum training loss, validation loss (the last `valid/loss` the run logged,
+when it evaluates a held-out set) and status, read from the run's own TensorBoard event files
+(with TensorBoard's reader) and saved config.json."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from megatron_internvl.sweeps.plan import read_points
 from megatron_internvl.sweeps.point import DONE
 
 LOSS_TAG = "train/loss"
+VALID_TAG = "valid/loss"
 RESULTS_FILE = "results.csv"
 PARQUET_FILE = "results.parquet"
 
@@ -23,7 +25,8 @@ COLUMNS = [
     "vit_layers", "vit_hidden", "llm_layers", "llm_hidden",
     "vit_depth", "vit_width", "llm_depth", "llm_width",
     "n_vision", "n_language", "n_embedding", "N", "params_total",
-    "seq_length", "global_batch", "last_step", "final_loss", "smoothed_loss", "min_loss", "wall_s",
+    "seq_length", "global_batch", "last_step", "final_loss", "smoothed_loss", "min_loss",
+    "valid_loss", "valid_step", "wall_s",
 ]  # fmt: skip
 """N = non-embedding parameters = n_vision (ViT + projector) + n_language (LLM without its
 input embedding and output layer)."""
@@ -31,22 +34,22 @@ TEXT_COLUMNS = {"id", "status", "model"}
 INTEGER_COLUMNS = {
     "steps", "tokens", "vit_layers", "vit_hidden", "llm_layers", "llm_hidden",
     "n_vision", "n_language", "n_embedding", "N", "params_total",
-    "seq_length", "global_batch", "last_step",
+    "seq_length", "global_batch", "last_step", "valid_step",
 }  # fmt: skip
 
 
-def read_losses(tensorboard_dir: Path) -> dict[int, float]:
-    """step -> loss from a run's event files; a step logged twice (a resumed run re-logs the
-    steps after its checkpoint) keeps its latest value."""
+def read_losses(tensorboard_dir: Path, tag: str = LOSS_TAG) -> dict[int, float]:
+    """step -> value of `tag` from a run's event files; a step logged twice (a resumed run
+    re-logs the steps after its checkpoint) keeps its latest value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not tensorboard_dir.is_dir():
         return {}
     events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})  # keep all
     events.Reload()
-    if LOSS_TAG not in events.Tags()["scalars"]:
+    if tag not in events.Tags()["scalars"]:
         return {}
-    return {e.step: e.value for e in events.Scalars(LOSS_TAG)}
+    return {e.step: e.value for e in events.Scalars(tag)}
 
 
 def smoothed(values: list[float], weight: float) -> float:
@@ -93,6 +96,9 @@ def collect_point(point_dir: Path, point: dict[str, Any], smoothing: float) -> d
             smoothed_loss=smoothed(finite, smoothing) if finite else math.nan,
             min_loss=min(finite) if finite else math.nan,
         )
+    valid = read_losses(point_dir / "tensorboard", VALID_TAG)
+    if valid:  # the last evaluation: after the final step when the run finished
+        row.update(valid_step=max(valid), valid_loss=valid[max(valid)])
     if (point_dir / DONE).is_file():
         row["wall_s"] = json.loads((point_dir / DONE).read_text()).get("wall_s")
     return row

@@ -15,10 +15,11 @@ FIT_FILE = "fit.json"
 REPORT_FILE = "report.md"
 
 
-def plan(cfg: SweepConfig) -> Plan:
-    """Expand, validate and write the plan (plan.json, points/<id>/point.json)."""
+def plan(cfg: SweepConfig, write: bool = True) -> Plan:
+    """Expand and validate the plan; `write`: also write it (plan.json, points/<id>/point.json)."""
     result = build_plan(cfg)
-    write_plan(cfg, result)
+    if write:
+        write_plan(cfg, result)
     return result
 
 
@@ -66,7 +67,13 @@ def fit(cfg: SweepConfig, rows: list[dict[str, Any]] | None = None) -> dict[str,
 
     rows = collect(cfg) if rows is None else rows
     result = fit_sweep(
-        rows, cfg.fit.loss, cfg.fit.bootstrap, cfg.fit.holdout_fraction, cfg.fit.seed
+        rows,
+        cfg.fit.loss,
+        cfg.fit.bootstrap,
+        cfg.fit.holdout_fraction,
+        cfg.fit.seed,
+        cfg.fit.max_heldout_error,
+        cfg.fit.params,
     )
     (sweep_dir(cfg) / FIT_FILE).write_text(json.dumps(result, indent=1))
     return result
@@ -80,7 +87,7 @@ def report(cfg: SweepConfig) -> Path:
     rows = collect(cfg)
     result = fit(cfg, rows)
     out = sweep_dir(cfg)
-    figures = draw_all(rows, result, out / "figures") if result.get("status") == "ok" else {}
+    figures = draw_all(rows, result, out / "figures") if result.get("ids") else {}
     return write_report(cfg.name, rows, result, figures, out / REPORT_FILE)
 
 

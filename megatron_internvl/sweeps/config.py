@@ -17,6 +17,10 @@ from megatron_internvl.resources import RECIPES
 SWEEP_RECIPES = RECIPES / "sweep"
 
 
+LOSS_CHOICES = ("auto", "valid_loss", "smoothed_loss", "final_loss")
+PARAM_CHOICES = ("non_embedding", "total", "language", "language_total")
+
+
 class SweepError(ValueError):
     """A sweep that cannot run as declared; the message says what to change."""
 
@@ -70,9 +74,10 @@ class LaunchSection:
 
 @dataclass
 class FitSection:
-    loss: str = "smoothed_loss"
-    """Which collected loss the laws fit: "smoothed_loss" (EMA of the logged losses) or
-    "final_loss"."""
+    loss: str = "auto"
+    """Which collected loss the laws fit: "auto" (validation loss when every finished point
+    logged one, the standard for scaling laws; else the smoothed training loss),
+    "valid_loss", "smoothed_loss" (EMA of the logged training losses) or "final_loss"."""
     smoothing: float = 0.6
     """EMA weight of the smoothed loss (TensorBoard's slider), in [0, 1)."""
     bootstrap: int = 200
@@ -81,6 +86,15 @@ class FitSection:
     """Fraction of points (the largest compute) held out to measure extrapolation error."""
     seed: int = 0
     """Seed of the bootstrap."""
+    params: str = "non_embedding"
+    """The parameter count the laws call N: "non_embedding" (ViT + projector + LLM without its
+    embeddings: Kaplan's N), "total" (with the embeddings), "language" / "language_total" (the
+    LLM alone, without / with embeddings: for sweeps whose ViT is fixed, where the ViT is a
+    constant offset). At tiny sizes the embeddings are most of the LLM and its output layer
+    most of the FLOPs, so a law without them bends (Pearce & Song 2024)."""
+    max_heldout_error: float = 0.05
+    """Held-out points predicted worse than this relative error are flagged in fit.json and
+    the report (the law does not extrapolate)."""
 
 
 @dataclass
@@ -169,8 +183,10 @@ def check(cfg: SweepConfig) -> None:
         errors.append(f"launch.backend={cfg.launch.backend!r}; use 'local' or 'slurm'")
     if cfg.launch.nproc < 1 or cfg.launch.jobs < 1:
         errors.append("launch.nproc and launch.jobs must be at least 1")
-    if cfg.fit.loss not in ("smoothed_loss", "final_loss"):
-        errors.append(f"fit.loss={cfg.fit.loss!r}; use 'smoothed_loss' or 'final_loss'")
+    if cfg.fit.loss not in LOSS_CHOICES:
+        errors.append(f"fit.loss={cfg.fit.loss!r}; use one of {', '.join(LOSS_CHOICES)}")
+    if cfg.fit.params not in PARAM_CHOICES:
+        errors.append(f"fit.params={cfg.fit.params!r}; use one of {', '.join(PARAM_CHOICES)}")
     if not 0 <= cfg.fit.smoothing < 1:
         errors.append(f"fit.smoothing={cfg.fit.smoothing}: must be in [0, 1)")
     if not 0 <= cfg.fit.holdout_fraction < 1:

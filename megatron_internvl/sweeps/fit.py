@@ -128,11 +128,30 @@ def _objective(params: np.ndarray, log_x: np.ndarray, log_l: np.ndarray) -> tupl
     return float(value) * scale, grad * scale
 
 
-def _minimize(start: np.ndarray, log_x: np.ndarray, log_l: np.ndarray) -> Any:
-    bounds = [(None, None)] + [(None, None), (0.0, 3.0)] * log_x.shape[1]
+ALPHA_BOUNDS = (0.0, 3.0)
+E_FLOOR = 1e-4
+"""E is bounded below at this fraction of the smallest loss seen: E at that bound means the
+points show no floor (reported as not identifiable, not as E = 0)."""
+
+
+def _bounds(log_x: np.ndarray, log_l: np.ndarray) -> list[tuple[float, float]]:
+    """Finite bounds of [e, a_1, alpha_1, ...] (log E, log A_k, alpha_k), from the data: E below
+    the smallest loss, each term able to span from negligible to the largest loss. Finite
+    bounds keep exp() finite in every resample."""
+    low, high = float(log_l.min()), float(log_l.max())
+    bounds = [(low + math.log(E_FLOOR), low)]
+    for column in log_x.T:
+        bounds += [(low - 10.0, high + ALPHA_BOUNDS[1] * float(column.max()) + 1.0), ALPHA_BOUNDS]
+    return bounds
+
+
+def _minimize(
+    start: np.ndarray, log_x: np.ndarray, log_l: np.ndarray, bounds: list[tuple[float, float]]
+) -> Any:
+    lo, hi = np.array(bounds).T
     return minimize(
         _objective,
-        start,
+        np.clip(start, lo, hi),
         args=(log_x, log_l),
         jac=True,
         method="L-BFGS-B",
@@ -141,7 +160,7 @@ def _minimize(start: np.ndarray, log_x: np.ndarray, log_l: np.ndarray) -> Any:
     )
 
 
-def _best_fit(log_x: np.ndarray, log_l: np.ndarray) -> np.ndarray:
+def _best_fit(log_x: np.ndarray, log_l: np.ndarray, bounds: list[tuple[float, float]]) -> Any:
     """Best of L-BFGS-B runs from a grid of starts (the objective has many local minima)."""
     k = log_x.shape[1]
     e_grid = log_l.min() + np.log([0.3, 0.9])  # E below the smallest loss seen
@@ -152,7 +171,7 @@ def _best_fit(log_x: np.ndarray, log_l: np.ndarray) -> np.ndarray:
     for e in e_grid:
         for coefs in itertools.product(per_term, repeat=k):
             start = np.array([e, *itertools.chain.from_iterable(coefs)])
-            result = _minimize(start, log_x, log_l)
+            result = _minimize(start, log_x, log_l, bounds)
             if best is None or result.fun < best.fun:
                 best = result
     return best.x
@@ -173,9 +192,11 @@ def fit_parametric(
     bootstrap: int = 200,
     holdout_fraction: float = 0.2,
     seed: int = 0,
+    max_heldout_error: float = 0.05,
 ) -> dict[str, Any]:
     """L = E + sum_k A_k / X_k^alpha_k over the columns of `x` (named by `names`, e.g.
-    ["N", "D"]). `compute` orders points for the held-out split (largest held out)."""
+    ["N", "D"]). `compute` orders points for the held-out split (largest held out); a held-out
+    relative error above `max_heldout_error` is flagged."""
     x = np.asarray(x, float)
     y = np.asarray(loss, float)
     n, k = x.shape
@@ -187,15 +208,20 @@ def fit_parametric(
 
     order = np.argsort(np.asarray(compute if compute is not None else x.prod(axis=1), float))
     n_held = math.floor(holdout_fraction * n)
+    bounds = _bounds(log_x, log_l)
     if n_held and n - n_held >= n_params + 1:
         train, held = order[: n - n_held], order[n - n_held :]
-        params = _best_fit(log_x[train], log_l[train])
+        params = _best_fit(log_x[train], log_l[train], _bounds(log_x[train], log_l[train]))
         pred = predict(params, x)
         error = pred[held] - y[held]
+        relative = np.abs(error) / y[held]
         result["heldout"] = {
             "n_points": int(n_held),
             "rmse": float(np.sqrt(np.mean(error**2))),
-            "mean_relative_error": float(np.mean(np.abs(error) / y[held])),
+            "mean_relative_error": float(np.mean(relative)),
+            "max_relative_error": float(np.max(relative)),
+            "threshold": max_heldout_error,
+            "within_threshold": bool(np.max(relative) <= max_heldout_error),
             "indices": [int(i) for i in held],
         }
         result["predictions"] = [
@@ -209,7 +235,7 @@ def fit_parametric(
             "note": f"not enough points to hold out {holdout_fraction:.0%} and still fit",
         }
 
-    params = _best_fit(log_x, log_l)
+    params = _best_fit(log_x, log_l, bounds)
     if "predictions" not in result:
         pred = predict(params, x)
         result["predictions"] = [
@@ -222,30 +248,72 @@ def fit_parametric(
     samples = []
     for _ in range(bootstrap):
         pick = rng.integers(0, n, n)
-        samples.append(_minimize(params, log_x[pick], log_l[pick]).x)
+        samples.append(_minimize(params, log_x[pick], log_l[pick], bounds).x)
     boot = np.asarray(samples) if samples else np.zeros((0, n_params))
+    reasons = _unidentified(params, boot, bounds, log_x, y, names)
     constants = {"E": _interval(math.exp(params[0]), np.exp(boot[:, 0]))}
     for j, name in enumerate(names):
         constants[f"A_{name}"] = _interval(math.exp(params[1 + 2 * j]), np.exp(boot[:, 1 + 2 * j]))
         constants[f"alpha_{name}"] = _interval(params[2 + 2 * j], boot[:, 2 + 2 * j])
     if list(names) == ["N", "D"]:  # Chinchilla's compute-optimal exponents under C ~ 6ND
         alpha, beta = params[2], params[4]
-        a_boot = boot[:, 4] / (boot[:, 2] + boot[:, 4])
-        constants["a_N_opt"] = _interval(beta / (alpha + beta), a_boot)
-        constants["b_D_opt"] = _interval(alpha / (alpha + beta), 1 - a_boot)
-    result["constants"] = {key: asdict(value) for key, value in constants.items()}
-    at_bound = [
-        f"alpha_{name} = {params[2 + 2 * j]:.3g}"
-        for j, name in enumerate(names)
-        if params[2 + 2 * j] < 1e-3 or params[2 + 2 * j] > 3 - 1e-3
-    ]
-    if at_bound:
-        result["warning"] = (
-            f"{', '.join(at_bound)} sits at its bound [0, 3]: the points do not constrain it "
-            "(too few sizes or tokens, or not yet in the power-law regime)"
+        a_boot = boot[:, 4] / np.maximum(boot[:, 2] + boot[:, 4], 1e-12)
+        constants["a_N_opt"] = _interval(beta / max(alpha + beta, 1e-12), a_boot)
+        constants["b_D_opt"] = _interval(alpha / max(alpha + beta, 1e-12), 1 - a_boot)
+        for derived in ("a_N_opt", "b_D_opt"):
+            parents = [r for key, r in reasons.items() if key in ("alpha_N", "alpha_D")]
+            if parents:
+                reasons[derived] = "follows from alpha_N and alpha_D: " + "; ".join(parents)
+    result["constants"] = {
+        key: {**asdict(value), "identifiable": key not in reasons, "reason": reasons.get(key)}
+        for key, value in constants.items()
+    }
+    if reasons:
+        result["warning"] = "not identifiable from these points: " + "; ".join(
+            f"{key} ({why})" for key, why in reasons.items()
         )
     result["params"] = [float(p) for p in params]
     return result
+
+
+def _unidentified(
+    params: np.ndarray,
+    boot: np.ndarray,
+    bounds: list[tuple[float, float]],
+    log_x: np.ndarray,
+    loss: np.ndarray,
+    names: Sequence[str],
+) -> dict[str, str]:
+    """Constant name -> why the points cannot determine it: at a bound, a degenerate (zero-width)
+    or enormous bootstrap interval, E ~ 0 (no floor), or a term that is negligible at every
+    point (so its A and exponent are free)."""
+    reasons: dict[str, str] = {}
+    keys = ["E"] + [f"{p}_{n}" for n in names for p in ("A", "alpha")]
+    for i, key in enumerate(keys):
+        lo, hi = bounds[i]
+        if min(params[i] - lo, hi - params[i]) <= 1e-3 * (hi - lo):
+            if key == "E" and params[i] - lo <= 1e-3 * (hi - lo):
+                reasons[key] = "E ~ 0: the points show no loss floor"
+            else:
+                reasons[key] = f"estimate at its bound [{lo:.3g}, {hi:.3g}]"
+        elif len(boot) >= 10:
+            spread = np.percentile(boot[:, i], 97.5) - np.percentile(boot[:, i], 2.5)
+            # e and a_k are logs: a spread of ln(1e3) is three orders of magnitude.
+            limit = 1.5 if key.startswith("alpha") else math.log(1e3)
+            if spread <= 1e-9 * max(1.0, abs(params[i])):
+                reasons[key] = "zero-width bootstrap interval (every resample lands on one value)"
+            elif spread > limit:
+                reasons[key] = "bootstrap interval spans more than the data can pin down"
+    for j, name in enumerate(names):
+        share = np.exp(params[1 + 2 * j] - params[2 + 2 * j] * log_x[:, j]) / loss
+        if share.max() < 1e-2:
+            for key in (f"A_{name}", f"alpha_{name}"):
+                reasons.setdefault(
+                    key,
+                    f"the {name} term is under 1% of the loss at every point: {name} does "
+                    "not change the loss over the sizes run",
+                )
+    return reasons
 
 
 def _form(names: Sequence[str]) -> str:
@@ -351,21 +419,69 @@ def isoflop_minima(
 # ---------------------------------------------------------------- a whole sweep
 
 
+LOSS_NAMES = {
+    "valid_loss": "validation loss",
+    "smoothed_loss": "training loss (smoothed)",
+    "final_loss": "training loss (last step)",
+}
+
+
+def choose_loss(rows: list[dict[str, Any]], requested: str = "auto") -> tuple[str, str | None]:
+    """(collected column to fit, note). "auto": validation loss when every finished point logged
+    one (the standard for scaling laws: it measures the model, not the batches it last saw),
+    else the smoothed training loss, with a note saying why."""
+    if requested != "auto":
+        return requested, None
+    done = [r for r in rows if r.get("status") == "done"]
+    if done and all(r.get("valid_loss") is not None for r in done):
+        return "valid_loss", None
+    return "smoothed_loss", (
+        "no validation loss (valid/loss) logged by every finished point: fitting the smoothed "
+        "training loss; set data.valid_shards to fit validation loss"
+    )
+
+
+PARAM_NAMES = {
+    "non_embedding": "non-embedding parameters (ViT + projector + LLM)",
+    "total": "parameters (ViT + projector + LLM with embeddings)",
+    "language": "LLM non-embedding parameters",
+    "language_total": "LLM parameters (with embeddings)",
+}
+
+
+def model_size(row: dict[str, Any], params: str = "non_embedding") -> int:
+    """The row's N under `params` (see FitSection.params)."""
+    base = row["n_language"] if params.startswith("language") else row["N"]
+    return base + (row["n_embedding"] if params in ("total", "language_total") else 0)
+
+
 def fit_sweep(
     rows: list[dict[str, Any]],
-    loss_key: str = "smoothed_loss",
+    loss_key: str = "auto",
     bootstrap: int = 200,
     holdout_fraction: float = 0.2,
     seed: int = 0,
+    max_heldout_error: float = 0.05,
+    params: str = "non_embedding",
 ) -> dict[str, Any]:
     """Every law the sweep's finished points support. Point order is `rows` order among the
     points used (listed in "ids")."""
+    loss_key, note = choose_loss(rows, loss_key)
     used = [
         r for r in rows
         if r.get("status") == "done" and r.get(loss_key) is not None
         and math.isfinite(r[loss_key])
     ]  # fmt: skip
-    out: dict[str, Any] = {"loss": loss_key, "ids": [r["id"] for r in used]}
+    out: dict[str, Any] = {
+        "loss": loss_key,
+        "quantity": LOSS_NAMES[loss_key],
+        "params": params,
+        "params_name": PARAM_NAMES[params],
+        "ids": [r["id"] for r in used],
+        "sizes": [model_size(r, params) for r in used],
+    }
+    if note:
+        out["loss_note"] = note
     if not used:
         out["status"] = "no finished points"
         return out
@@ -378,19 +494,27 @@ def fit_sweep(
         and len({(r["llm_layers"], r["llm_hidden"]) for r in used}) > 1
     )
     if split:
-        x = [[r["n_vision"], r["n_language"], r["tokens"]] for r in used]
+        with_embeddings = params in ("total", "language_total")
+        x = [
+            [
+                r["n_vision"],
+                r["n_language"] + (r["n_embedding"] if with_embeddings else 0),
+                r["tokens"],
+            ]
+            for r in used
+        ]
         names = ["Nv", "Nl", "D"]
     else:
-        x = [[r["N"], r["tokens"]] for r in used]
+        x = [[size, r["tokens"]] for size, r in zip(out["sizes"], used, strict=True)]
         names = ["N", "D"]
     out["parametric"] = fit_parametric(
-        np.asarray(x), loss, names, compute, bootstrap, holdout_fraction, seed
+        np.asarray(x), loss, names, compute, bootstrap, holdout_fraction, seed, max_heldout_error
     )
     with_budget = [i for i, r in enumerate(used) if r.get("budget") is not None]
     if with_budget:
         out["isoflop"] = isoflop_minima(
             [used[i]["budget"] for i in with_budget],
-            [used[i]["N"] for i in with_budget],
+            [out["sizes"][i] for i in with_budget],
             [used[i]["tokens"] for i in with_budget],
             [loss[i] for i in with_budget],
             [compute[i] for i in with_budget],

@@ -47,14 +47,14 @@ def _refuse_hydra_sweeps(arguments: list[str]) -> None:
 
 def plan_jobs(config: DictConfig, arguments: list[str]) -> list[list[str]]:
     """Plan the sweep (plan.json, points/<id>/point.json) and return one job's overrides per
-    point to run; prints what a dry run would launch and returns none then."""
+    point to run; a dry run writes nothing, prints what it would launch and returns none."""
     from megatron_internvl.sweeps.commands import plan
 
     _refuse_hydra_sweeps(arguments)
     cfg = sweep_config(config)
     if cfg.point is not None:
         raise SweepError("point= is set by the sweeper; to run one point: launch.only=[<id>]")
-    result = plan(cfg)
+    result = plan(cfg, write=not cfg.launch.dry_run)  # a dry run writes nothing
     points = [dataclasses.asdict(p) for p in result.points]
     chosen = launch_mod.select(
         result.sweep_dir,

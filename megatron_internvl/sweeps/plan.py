@@ -104,10 +104,31 @@ def _compose(overrides: list[str]):
 
 
 def _sample_rows(run_cfg: Any, spec: Any, tokenizer: Any, count: int) -> list[dict[str, Any]]:
-    """Rows as training would see them on data-parallel rank 0 (the same loader and packer)."""
+    """What FLOPs need of rows as training would see them on data-parallel rank 0 (the same
+    loader and packer): sub-sample bounds and tile count. Drawn one row at a time and the pixels
+    dropped at once, so planning holds one row's images (a 1B row: up to 48 tiles of 448 px)
+    instead of `count` rows' worth."""
+    import torch
+
     from megatron_internvl.training.loop import data_source
 
-    return data_source(run_cfg, spec, 0, 1, tokenizer).next_microbatches(count)
+    source = data_source(run_cfg, spec, 0, 1, tokenizer)
+    rows = []
+    try:
+        for _ in range(count):
+            (row,) = source.next_microbatches(1)
+            tiles = 0 if row.get("images") is None else row["images"].size(0)
+            rows.append(
+                {
+                    "cu_seqlens": row["cu_seqlens"],
+                    "images": torch.empty(tiles, 0) if tiles else None,
+                }
+            )
+            del row
+    finally:
+        if hasattr(source, "close"):  # shard sources run prefetch threads
+            source.close()
+    return rows
 
 
 def _world_size(cfg: SweepConfig) -> int:

@@ -28,7 +28,8 @@ def _fmt_params(n: float) -> str:
 def _used(rows: list[dict[str, Any]], fit: dict[str, Any]) -> list[dict[str, Any]]:
     """The fitted points in the fit's order (its indices refer to it)."""
     by_id = {r["id"]: r for r in rows}
-    return [by_id[i] for i in fit["ids"]]
+    sizes = fit.get("sizes") or [by_id[i]["N"] for i in fit["ids"]]
+    return [{**by_id[i], "N_fit": n} for i, n in zip(fit["ids"], sizes, strict=True)]
 
 
 def _estimate(e: dict[str, float]) -> str:
@@ -37,9 +38,30 @@ def _estimate(e: dict[str, float]) -> str:
     return f"{e['value']:.3g} [{e['low']:.3g}, {e['high']:.3g}]"
 
 
-def _decorate(ax: Any) -> None:
+def _decorate(ax: Any, fontsize: int = 7) -> None:
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # no empty legend boxes
+        ax.legend(fontsize=fontsize)
+
+
+def _note(ax: Any, text: str) -> None:
+    """Say in the panel itself why it has nothing (or less) to show."""
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        ha="center",
+        va="center",
+        wrap=True,
+        fontsize=9,
+        transform=ax.transAxes,
+        bbox={"boxstyle": "round", "facecolor": "lightyellow", "edgecolor": "grey"},
+    )
+
+
+def _quantity(fit: dict[str, Any]) -> str:
+    """The fitted quantity, for axis labels: validation or training loss."""
+    return fit.get("quantity") or fit["loss"].replace("_", " ")
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
@@ -56,12 +78,12 @@ def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path)
     loss_key = fit["loss"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     models = sorted(
-        {r["model"] for r in used}, key=lambda m: next(r["N"] for r in used if r["model"] == m)
+        {r["model"] for r in used}, key=lambda m: next(r["N_fit"] for r in used if r["model"] == m)
     )
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(models), 1)))
     for model, color in zip(models, colors, strict=True):
         pts = sorted((r["flops"], r[loss_key]) for r in used if r["model"] == model)
-        n = next(r["N"] for r in used if r["model"] == model)
+        n = next(r["N_fit"] for r in used if r["model"] == model)
         ax.plot(
             *zip(*pts, strict=True),
             "o-",
@@ -69,6 +91,14 @@ def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path)
             alpha=0.8,
             label=f"{model} (N={_fmt_params(n)})",
         )
+    # The frontier: the lower envelope of all points (best loss reached at <= this compute).
+    ordered = sorted((r["flops"], r[loss_key]) for r in used)
+    envelope, best = [], math.inf
+    for c_value, l_value in ordered:
+        best = min(best, l_value)
+        envelope.append((c_value, best))
+    ax.step(*zip(*envelope, strict=True), where="post", color="crimson", lw=1.5,
+            label="frontier (lower envelope)")  # fmt: skip
     law = fit.get("compute_law", {})
     if law.get("status") == "ok":
         front = [used[i] for i in law["frontier"]]
@@ -79,22 +109,20 @@ def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path)
             facecolors="none",
             edgecolors="crimson",
             linewidths=1.5,
-            label="frontier",
+            label="frontier points (fitted)",
         )
         c = np.geomspace(min(r["flops"] for r in used), max(r["flops"] for r in used) * 2, 100)
         a, alpha = law["A"]["value"], law["alpha"]["value"]
-        ax.plot(
-            c,
-            a * c**-alpha,
-            "--",
-            color="crimson",
-            label=f"fit L = A C^-α, α = {_estimate(law['alpha'])}",
-        )
+        ax.plot(c, a * c**-alpha, "--", color="crimson",
+                label=f"fit L = A C^-α, α = {_estimate(law['alpha'])} (95%)")  # fmt: skip
+    else:
+        _note(ax, f"no compute law: {law.get('status', 'not fitted')}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs: ViT + projector + LLM, forward + backward)")
-    ax.set_ylabel(f"training loss ({loss_key.replace('_', ' ')})")
-    ax.set_title("Loss vs compute, with the fitted compute-optimal frontier")
+    ax.xaxis.set_minor_formatter("")
+    ax.set_ylabel(_quantity(fit))
+    ax.set_title(f"{_quantity(fit)} vs compute, with the compute-optimal frontier")
     _decorate(ax)
     return _save(plt, fig, path)
 
@@ -112,9 +140,12 @@ def isoflop_curves(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) 
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(budgets)))
     entries = {e["budget"]: e for e in iso["budgets"]}
     for budget, color in zip(budgets, colors, strict=True):
-        pts = sorted((r["N"], r[loss_key]) for r in used if r["budget"] == budget)
-        left.plot(*zip(*pts, strict=True), "o", color=color, label=f"C = {budget:.2g} FLOPs")
+        pts = sorted((r["N_fit"], r[loss_key]) for r in used if r["budget"] == budget)
         entry = entries.get(budget, {})
+        label = f"C = {budget:.2g} FLOPs"
+        if entry.get("status", "ok") != "ok":
+            label += " (no minimum)"
+        left.plot(*zip(*pts, strict=True), "o", color=color, label=label)
         if "parabola" in entry:
             n = np.geomspace(pts[0][0] / 1.5, pts[-1][0] * 1.5, 100)
             left.plot(n, np.polyval(entry["parabola"], np.log(n)), "-", color=color, alpha=0.7)
@@ -127,46 +158,49 @@ def isoflop_curves(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) 
                 markeredgecolor="black",
             )
     left.set_xscale("log")
-    left.set_xlabel("non-embedding parameters N")
-    left.set_ylabel(f"training loss ({loss_key.replace('_', ' ')})")
-    left.set_title("IsoFLOP curves (star: fitted minimum)")
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
+    left.set_xlabel(f"N: {fit.get('params_name', 'non-embedding parameters')}")
+    left.set_ylabel(_quantity(fit))
+    left.set_title(f"IsoFLOP curves of {_quantity(fit)} (star: fitted minimum)")
+    _decorate(left, 8)
+    _optimal_panel(right, iso)
+    return _save(plt, fig, path)
+
+
+def _optimal_panel(ax: Any, iso: dict[str, Any]) -> None:
+    """N_opt and D_opt per budget, the fitted power laws and their 95% bands (the exponent's
+    bootstrap range, pivoting on the minima's centre)."""
     ok = [e for e in iso["budgets"] if "N_opt" in e]
-    if ok:
+    if not ok:
+        why = "; ".join(f"C={e['budget']:.2g}: {e['status']}" for e in iso["budgets"])
+        _note(ax, f"no budget has an interior minimum:\n{why}")
+    else:
         c = np.array([e["compute"] for e in ok])
-        right.plot(c, [e["N_opt"] for e in ok], "s", color="tab:blue", label="N_opt (parameters)")
-        right.plot(c, [e["D_opt"] for e in ok], "^", color="tab:orange", label="D_opt (tokens)")
+        ax.plot(c, [e["N_opt"] for e in ok], "s", color="tab:blue", label="N_opt (parameters)")
+        ax.plot(c, [e["D_opt"] for e in ok], "^", color="tab:orange", label="D_opt (tokens)")
         if iso.get("status") == "ok":
             grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
+            pivot = math.exp(np.log(c).mean())
             for name, k, exponent, color in (
                 ("N_opt", "k_N", "a_N_opt", "tab:blue"),
                 ("D_opt", "k_D", "b_D_opt", "tab:orange"),
             ):
-                right.plot(
-                    grid,
-                    iso[k]["value"] * grid ** iso[exponent]["value"],
-                    "--",
-                    color=color,
-                    label=f"{name} ∝ C^{_estimate(iso[exponent])}",
-                )
-    else:
-        right.text(
-            0.5,
-            0.5,
-            "no budget has a measured minimum\n(see report.md)",
-            ha="center",
-            va="center",
-            transform=right.transAxes,
-        )
-    right.set_xscale("log")
-    right.set_yscale("log")
-    right.set_xlabel("training compute C (FLOPs)")
-    right.set_ylabel("compute-optimal N or D")
-    right.set_title("Compute-optimal model size and tokens")
-    right.grid(True, which="both", alpha=0.3)
-    right.legend(fontsize=8)
-    return _save(plt, fig, path)
+                e = iso[exponent]
+                at_pivot = iso[k]["value"] * pivot ** e["value"]
+                ax.plot(grid, at_pivot * (grid / pivot) ** e["value"], "--", color=color,
+                        label=f"{name} ∝ C^{_estimate(e)} (95%)")  # fmt: skip
+                if not math.isnan(e.get("low", math.nan)):
+                    lines = [at_pivot * (grid / pivot) ** e[b] for b in ("low", "high")]
+                    ax.fill_between(grid, np.minimum(*lines), np.maximum(*lines),
+                                    color=color, alpha=0.15)  # fmt: skip
+        else:
+            _note(ax, f"no power law: {iso.get('status')}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.xaxis.set_minor_formatter("")  # decade labels only: minor labels overlap
+    ax.set_ylabel("compute-optimal N or D")
+    ax.set_title("Compute-optimal model size and tokens")
+    _decorate(ax, 8)
 
 
 def predicted_vs_observed(
@@ -175,11 +209,12 @@ def predicted_vs_observed(
     """The parametric law's prediction of every point; held-out points predicted by the fit
     that did not see them."""
     par = fit.get("parametric", {})
-    if par.get("status") != "ok":
-        return None
     plt = _pyplot()
-    preds = par["predictions"]
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    if par.get("status") != "ok":
+        _note(ax, f"no parametric law: {par.get('status', 'not fitted')}")
+        return _save(plt, fig, path)
+    preds = par["predictions"]
     for held, style, label in ((False, "o", "fitted points"), (True, "D", "held-out points")):
         sel = [p for p in preds if p["heldout"] == held]
         if sel:
@@ -195,12 +230,21 @@ def predicted_vs_observed(
     pad = 0.05 * (hi - lo or 1)
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x")
     held = par.get("heldout", {})
-    err = f"held-out RMSE {held['rmse']:.3g}" if "rmse" in held else "no held-out points"
-    ax.set_title(f"{par['form']}\n{err}", fontsize=9)
-    ax.set_xlabel("observed loss")
-    ax.set_ylabel("predicted loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if "rmse" in held:
+        err = f"held-out error: max {held['max_relative_error']:.1%}, mean "
+        err += f"{held['mean_relative_error']:.1%}"
+        if not held["within_threshold"]:
+            err += f" > {held['threshold']:.0%}: DOES NOT EXTRAPOLATE"
+    else:
+        err = "no held-out points"
+    ax.set_title(f"{par['form']}\n{err}", fontsize=8)
+    ax.set_xlabel(f"observed {_quantity(fit)}")
+    ax.set_ylabel(f"predicted {_quantity(fit)}")
+    if par.get("warning"):
+        ax.text(0.02, 0.98, "not identifiable: " + ", ".join(
+            k for k, v in par["constants"].items() if not v.get("identifiable", True)),
+            transform=ax.transAxes, va="top", fontsize=7, color="darkred", wrap=True)  # fmt: skip
+    _decorate(ax, 8)
     return _save(plt, fig, path)
 
 
@@ -216,7 +260,7 @@ def loss_vs_lr(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> P
         ax.plot(*zip(*pts, strict=True), "o-", label=f"{key[0]}, {key[1]:,} tokens")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"training loss ({fit['loss'].replace('_', ' ')})")
+    ax.set_ylabel(_quantity(fit))
     ax.set_title("Learning-rate sensitivity")
     _decorate(ax)
     return _save(plt, fig, path)

@@ -18,8 +18,10 @@ _FIGURE_TEXT = {
 }
 
 
-def _e(e: dict[str, float]) -> list[str]:
-    """[value, 95% interval] cells."""
+def _e(e: dict[str, Any]) -> list[str]:
+    """[value, 95% interval] cells; a constant the points cannot determine says so and why."""
+    if not e.get("identifiable", True):
+        return ["not identifiable", e.get("reason") or "-"]
     if math.isnan(e.get("low", math.nan)):
         return [f"{e['value']:.4g}", "-"]
     return [f"{e['value']:.4g}", f"{e['low']:.4g} – {e['high']:.4g}"]
@@ -47,13 +49,17 @@ def write_report(
         "",
         f"Points: {len(rows)} ("
         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        + f"). Fitted loss: `{fit['loss']}`. Table: [results.csv](results.csv); "
-        "every constant: [fit.json](fit.json).",
+        + f"). Fitted quantity: **{fit.get('quantity', fit['loss'])}** (`{fit['loss']}`); "
+        f"N: {fit.get('params_name', 'non-embedding parameters')}. Table: "
+        "[results.csv](results.csv); every constant: [fit.json](fit.json).",
         "",
+        *([f"**Note:** {fit['loss_note']}.", ""] if fit.get("loss_note") else []),
         "Compute C is the model FLOPs of training (training/flops.py, the MFU formula): ViT and "
         "projector once per image tile, LLM over every packed token, x3 for forward + backward. "
-        "N is non-embedding parameters (ViT + projector + LLM without its embeddings), D the LLM "
-        "tokens trained on. Intervals are bootstrap 95% ranges.",
+        f"N is {fit.get('params_name', 'non-embedding parameters')}, D the LLM "
+        "tokens trained on. Intervals are bootstrap 95% ranges; a constant the points cannot "
+        "determine (at a bound, a degenerate or huge interval, a negligible term) is reported "
+        "as not identifiable, with the reason.",
         "",
     ]
     law = fit.get("compute_law", {})
@@ -83,9 +89,14 @@ def write_report(
             lines.append(
                 f"\nHeld out: the {held['n_points']} largest-compute points, predicted by the fit "
                 f"on the others: RMSE {held['rmse']:.4g}, mean relative error "
-                f"{held['mean_relative_error']:.2%}. Fit RMSE on all points: "
-                f"{par['train_rmse']:.4g}."
+                f"{held['mean_relative_error']:.2%}, max {held['max_relative_error']:.2%}. Fit "
+                f"RMSE on all points: {par['train_rmse']:.4g}."
             )
+            if not held["within_threshold"]:
+                lines.append(
+                    f"\n**Flag:** held-out error {held['max_relative_error']:.1%} is above "
+                    f"{held['threshold']:.0%}: this law does not extrapolate from these points."
+                )
         else:
             lines.append(f"\nHeld-out error: {held.get('note', 'none')}.")
         if "a_N_opt" in par["constants"]:
