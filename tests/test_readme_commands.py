@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-I20 = "fixed on branch i20 (sweeps); drop this mark once merged"
 
 BUILD_DEMO = "python tools/build_shards.py --demo --out runs/demo_shards"
 RUN_HERE = {  # README command -> mark (None: must pass)
@@ -23,10 +22,12 @@ RUN_HERE = {  # README command -> mark (None: must pass)
     "python -m megatron_internvl.train --help": None,
     "python -m megatron_internvl.train recipe=internvl2_5_78b_stage2 --cfg job": None,
     "python -m megatron_internvl.launch recipe=internvl2_5_78b_stage2 cluster=h100_pyxis "
-    "cluster.nodes=128 data.shards=[/data/shards] data.tokenizer=/models/InternVL2_5-78B "
-    "--dry-run": None,
-    "python tools/sweep.py plan isoflop": pytest.mark.xfail(reason=I20, strict=False),
-    "python tools/sweep.py launch isoflop --dry-run": pytest.mark.xfail(reason=I20, strict=False),
+    "cluster.nodes=128 cluster.container_image=registry.example.com/lab/megatron-internvl:latest "
+    "data.shards=[/data/shards] data.tokenizer=/models/InternVL2_5-78B --dry-run": None,
+    "python tools/sweep.py plan isoflop": None,
+    "python tools/sweep.py launch isoflop --dry-run": None,
+    "python tools/plan.py --model internvl2_5_78b --gpus 1024 --gpu-memory-gb 80 "
+    "[--seq-length N] [--future]": None,
 }
 COVERED_ELSEWHERE = {
     "scripts/demo.sh": "tests/test_demo.py",
@@ -44,9 +45,17 @@ COVERED_ELSEWHERE = {
     "pip install -e .[gpu]": "GPU hosts",
     "pip install nvidia-dali-cuda130": "already a dependency",
     "python -m megatron_internvl.launch recipe=internvl2_5_78b_stage2 cluster=h100_pyxis "
-    "cluster.nodes=128 data.shards=[/data/shards] data.tokenizer=/models/InternVL2_5-78B": (
+    "cluster.nodes=128 cluster.container_image=registry.example.com/lab/megatron-internvl:latest "
+    "data.shards=[/data/shards] data.tokenizer=/models/InternVL2_5-78B": (
         "sbatch; tests/test_slurm.py"
     ),
+    "python tools/build_shards.py --img2dataset laion_files/ --out shards/": (
+        "the user's img2dataset folder; tests/test_data_layouts.py builds one and runs this CLI"
+    ),
+    "python -m megatron_internvl.sweeps.corpus --out runs/sweep_corpus": "feeds cpu_scaling",
+    "python tools/sweep.py run cpu_scaling": "a 12-point sweep of minutes to tens of minutes on "
+    "2 cores; the fit and report code it runs: tests/test_sweep_fit.py, tests/test_sweep_cpu.py",
+    "python tools/sweep.py run cpu_synthetic": "as cpu_scaling",
     "python tools/sweep.py run cpu_mini": "tests/test_sweep_cpu.py",
     "python tools/sweep.py status cpu_mini": "after `run cpu_mini`; tests/test_sweep_cpu.py",
     "python tools/sweep.py launch cpu_mini --only C4e10-vit2x32_llm2x64": "tests/test_sweep_cpu.py",
@@ -56,6 +65,10 @@ COVERED_ELSEWHERE = {
 AS_RUN = {
     "python tools/validate_shards.py shards/ [--clean-dir clean/] [--fix-index]": (
         "python tools/validate_shards.py runs/demo_shards"
+    ),
+    "python tools/plan.py --model internvl2_5_78b --gpus 1024 --gpu-memory-gb 80 "
+    "[--seq-length N] [--future]": (
+        "python tools/plan.py --model internvl2_5_78b --gpus 1024 --gpu-memory-gb 80 --future"
     ),
 }
 
