@@ -28,10 +28,10 @@ WAIT_LINE = re.compile(r"^step\s+(\d+) \| ms per step .*?data-wait ([\d.]+)", re
 def run_demo(out: Path, shards: Path, prefetch: int, steps: int, nproc: int) -> dict[str, float]:
     """Mean seconds per step and data-wait ms per step (steps 3..; a loader fill serves several
     steps, so the mean, not the median, shows its cost), from the console."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    torchrun = [sys.executable, "-m", "megatron_internvl.launch.local"]  # loopback only
     name = f"prefetch{prefetch}"
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", str(nproc), "-m", "megatron_internvl.train"]
+        [*torchrun, "--standalone", "--nproc-per-node", str(nproc), "-m", "megatron_internvl.train"]
         + ["recipe=demo_cpu_shards", f"name={name}", f"output_dir={out}", f"data.shards=[{shards}]"]
         + [f"train.steps={steps}", "logging.log_every=1", "checkpoint.save_every=0"]
         + [f"data.prefetch={prefetch}", "logging.tensorboard=false", "checkpoint.resume=false"]

@@ -44,8 +44,8 @@ VARIANTS = {
 
 def train_command(args: argparse.Namespace, variant: str, out: Path) -> list[str]:
     dtype, recipe = VARIANTS[variant]
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [torchrun, "--standalone", "--nproc-per-node", "1"]
+    torchrun = [sys.executable, "-m", "megatron_internvl.launch.local"]  # torchrun on loopback only
+    command = [*torchrun, "--standalone", "--nproc-per-node", "1"]
     command += ["-m", "megatron_internvl.train", "recipe=demo_cpu", f"name={variant}"]
     command += [
         f"output_dir={out}",

@@ -255,8 +255,9 @@ def test_training_runs_on_a_folder_of_plain_webdataset_tars(tmp_path):
     world_demo_shards(shards)
     assert not list(shards.glob("*.idx"))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "megatron_internvl.train", "recipe=demo_cpu_shards", f"output_dir={tmp_path}",
+        sys.executable, "-m", "megatron_internvl.launch.local", "--standalone",
+        "--nproc-per-node", "2", "-m", "megatron_internvl.train", "recipe=demo_cpu_shards",
+        f"output_dir={tmp_path}",
         f"data.shards=[{shards}]", "train.steps=2", "train.warmup_steps=1",
         "checkpoint.save_every=100", "logging.log_every=1",
     ]  # fmt: skip

@@ -35,9 +35,9 @@ def demo_export(tmp_path_factory) -> Path:
     """A 1-step demo run on the demo shards, exported by to-hf (native layout)."""
     base = tmp_path_factory.mktemp("export")
     _tool("tools/build_shards.py", "--demo", "--out", str(base / "shards"), "--no-progress")
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    _tool(
-        *(torchrun, "--standalone", "--nproc-per-node", "1", "-m", "megatron_internvl.train"),
+    _tool(  # torchrun on loopback only
+        *("-m", "megatron_internvl.launch.local", "--standalone", "--nproc-per-node", "1"),
+        *("-m", "megatron_internvl.train"),
         "recipe=demo_cpu_shards",
         f"output_dir={base}",
         f"data.shards=[{base / 'shards'}]",

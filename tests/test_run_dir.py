@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(out: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    torchrun = [sys.executable, "-m", "megatron_internvl.launch.local"]  # torchrun on loopback only
     command = [
-        torchrun,
+        *torchrun,
         "--standalone",
         "--nproc-per-node",
         "1",

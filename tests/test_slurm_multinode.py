@@ -69,7 +69,7 @@ def _attempt_losses(out: Path, name: str) -> list[dict[int, float]]:
 def one_node(tmp_path_factory) -> dict[int, float]:
     """The same layout on this machine, without Slurm: 4 ranks by torchrun."""
     out = tmp_path_factory.mktemp("one_node")
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone"]
+    torchrun = [sys.executable, "-m", "megatron_internvl.launch.local", "--standalone"]
     result = subprocess.run(
         [
             *torchrun,

@@ -23,9 +23,9 @@ STEPS = 12
 
 
 def _command(out: Path, name: str, *extra: str) -> list[str]:
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    torchrun = [sys.executable, "-m", "megatron_internvl.launch.local"]  # torchrun on loopback only
     return [
-        torchrun,
+        *torchrun,
         "--standalone",
         "--nproc-per-node",
         "2",
