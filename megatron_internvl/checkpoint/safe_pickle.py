@@ -47,6 +47,8 @@ _METADATA_CLASSES: dict[str, set[str]] = {
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "collections": {"OrderedDict"},
+    # StorageMeta.checkpoint_id as a path (the converter's writer): building one runs no code.
+    "pathlib": {"PosixPath", "PurePosixPath"},
 }
 
 
