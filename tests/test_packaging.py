@@ -77,6 +77,7 @@ def test_the_wheel_runs_from_another_directory(tmp_path):
         "recipe=internvl2_5_1b_stage1",
         "cluster=h100_pyxis",
         "cluster.nodes=64",
+        "cluster.container_image=registry.example.com/lab/megatron-internvl:latest",
         "data.shards=[/data/shards]",
         "data.tokenizer=/models/tok",
         "--dry-run",
