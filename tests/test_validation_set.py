@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, LoaderConfig, shard_list
+from megatron_internvl.data.samples import SampleConfig
 from megatron_internvl.data.shard_index import read_index
 from megatron_internvl.data.tiler import TilerConfig
 from megatron_internvl.training.validation import ValidationSet
@@ -25,13 +26,14 @@ def held_out(tmp_path_factory):
 
     def loader(dp_rank=0, dp_size=1, micro_batch=1):
         cfg = LoaderConfig(
-            seq_length=256,
+            seq_length=384,  # the demo clip's sample (up to 8 frames) fits
             micro_batch_size=micro_batch,
             max_tiles_per_row=12,
             tokens_per_tile=16,
             shuffle=False,
             epochs=1,
-            tiler=TilerConfig(image_size=56, max_num=4),
+            sample=SampleConfig(video_frames=(4, 8)),  # the demo clip fits the tile cap, as in
+            tiler=TilerConfig(image_size=56, max_num=4),  # the demo recipe
         )
         return InternVLLoader([DatasetSpec("valid", shards)], tokenizer, cfg, dp_rank, dp_size)
 
