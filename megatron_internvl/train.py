@@ -4,7 +4,8 @@ Hydra composes `recipes/config.yaml` + the named recipe + command-line overrides
 validated into `RunConfig` and handed to the training loop. Hydra's own working-directory and
 logging changes are off: the run directory is <output_dir>/<name>, the same on every rank.
 Hydra's flags work as in any Hydra app: `--help`, `--cfg job` (the composed, validated config),
-`--info`. Configuration and data mistakes end with one line on rank 0 and exit code 2.
+`--info`. Configuration, data and checkpoint mistakes end with one line on rank 0 and exit
+code 2; a crash under torchrun records its traceback for torchrun's failure report.
 """
 
 from __future__ import annotations
@@ -49,7 +50,14 @@ def compose(overrides: list[str]):
 def main(argv: list[str] | None = None) -> int:
     from megatron_internvl.config.cli import report_user_errors
 
-    return report_user_errors(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+    def entry() -> int:
+        return report_user_errors(lambda: _main(list(sys.argv[1:] if argv is None else argv)))
+
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: a crash's traceback goes to
+        from torch.distributed.elastic.multiprocessing.errors import record  # its report
+
+        return record(entry)() or 0
+    return entry()
 
 
 def _main(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,13 @@ from megatron_internvl.config.errors import ConfigError, explain_composition_err
 
 USER_ERROR_EXIT_CODE = 2
 # Errors raised identically on every rank from the config and the files (never from one rank's
-# state), so rank 0 alone can report them. Data errors are matched by name so that the data
-# package's own classes (e.g. a `...DataError`) need not import this module.
-_USER_ERRORS = re.compile(r"(Config|Recipe|Launch|Conversion|Data|Dataset)Error$")
+# state), so rank 0 alone can report them. Data and checkpoint errors are matched by name so that
+# their packages' own classes (e.g. a `...DataError`, `UnsafeCheckpointError`, the agreed
+# `CheckpointError` of a resume) need not import this module.
+_USER_ERRORS = re.compile(r"(Config|Recipe|Launch|Conversion|Data|Dataset|Checkpoint)Error$")
+# The other ranks leave this long after rank 0 has said what is wrong: a launcher that stops
+# every rank when the first one exits then never stops rank 0 before its line is out.
+_QUIET_RANKS_LINGER_S = 5.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -110,4 +115,6 @@ def report_user_errors(run: Callable[[], int]) -> int:
             raise
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(_QUIET_RANKS_LINGER_S)
         return USER_ERROR_EXIT_CODE

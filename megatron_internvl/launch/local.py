@@ -8,11 +8,17 @@ the store is handed a socket bound to 127.0.0.1 (TCPStore's `master_listen_fd`),
 NCCL use the loopback interface unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say otherwise.
 Multi-node runs go through Slurm (launch/slurm.py): there rank 0's store listens only on the
 address the other ranks use (MASTER_ADDR, from the cluster file's `interface` when set).
+
+When the failing ranks exited with the user-error code (2: they printed one `error:` line about
+the configuration or the data), the launcher exits 2 too and adds nothing; any other failure (a
+crash, a signal) keeps torchrun's report, which names the lowest failing rank and its traceback.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -66,11 +72,60 @@ def install() -> None:
         os.environ.setdefault(name, "lo")
 
 
+# Exit codes of ranks the launcher itself stopped after another rank had failed.
+_STOPPED_BY_LAUNCHER = {-signal.SIGTERM, -signal.SIGKILL}
+
+
+def _said_by_the_ranks(record: logging.LogRecord) -> bool:
+    """torchrun's lines that repeat what the ranks or its failure table say: the rank it stops
+    after a failure, and a first failure that is a user error (already one `error:` line)."""
+    from megatron_internvl.config.cli import USER_ERROR_EXIT_CODE
+
+    template = str(record.msg)
+    if template.startswith("Sending process %s closing signal"):
+        return True
+    return template.startswith("failed (exitcode: %s)") and record.args[0] == USER_ERROR_EXIT_CODE
+
+
+def is_user_error_exit(failures: dict[int, Any]) -> bool:
+    """The first rank to fail exited with the user-error code (it printed its `error:` line);
+    every other failure is the same, or a rank the launcher stopped."""
+    from megatron_internvl.config.cli import USER_ERROR_EXIT_CODE
+
+    first = min(failures.values(), key=lambda failure: failure.timestamp)
+    others = {failure.exitcode for failure in failures.values()}
+    return first.exitcode == USER_ERROR_EXIT_CODE and others <= {
+        USER_ERROR_EXIT_CODE,
+        *_STOPPED_BY_LAUNCHER,
+    }
+
+
+def _torchrun(argv: list[str]) -> None:
+    """torchrun's `main`, less its report when the ranks stopped on a user error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+    from torch.distributed.run import parse_args, run
+
+    from megatron_internvl.config.cli import USER_ERROR_EXIT_CODE
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda log_record: not _said_by_the_ranks(log_record)
+    )
+
+    @record  # a crash: the lowest failing rank's error file and torchrun's failure table
+    def launch() -> None:
+        try:
+            run(parse_args(argv))
+        except ChildFailedError as failed:
+            if is_user_error_exit(failed.failures):  # the ranks have said what is wrong
+                raise SystemExit(USER_ERROR_EXIT_CODE) from None
+            raise
+
+    launch()
+
+
 def main(argv: list[str] | None = None) -> int:
     install()
-    from torch.distributed.run import main as torchrun
-
-    torchrun(list(sys.argv[1:] if argv is None else argv))
+    _torchrun(list(sys.argv[1:] if argv is None else argv))
     return 0
 
 
