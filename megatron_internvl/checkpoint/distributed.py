@@ -32,6 +32,7 @@ from torch.distributed.checkpoint import CheckpointException  # a BaseException,
 
 from megatron_internvl.checkpoint import integrity
 from megatron_internvl.checkpoint.integrity import COMMIT_MARKER
+from megatron_internvl.checkpoint.progress import amount
 from megatron_internvl.checkpoint.safe_pickle import (
     UnsafeCheckpointError,
     restricted_unpickling,
@@ -241,8 +242,15 @@ def _unshare_adam_steps(optimizer: Any) -> None:
                 state["step"] = state["step"].clone()
 
 
+def size_note(path: Path) -> str:
+    """ "1.75 GiB in 14 files": a checkpoint directory's size, in the unit that suits it."""
+    files = [item for item in path.rglob("*") if item.is_file()]
+    return f"{amount(sum(item.stat().st_size for item in files))} in {len(files)} files"
+
+
 class CheckpointError(RuntimeError):
-    """No committed checkpoint of the run can be loaded; the message lists why."""
+    """A checkpoint the run cannot use (none of the committed ones loads, or `pretrained` names
+    no checkpoint); the message says which and why."""
 
 
 def step_of(path: Path) -> int:
@@ -332,6 +340,9 @@ def resume(
     rejected = []
     for step in reversed(steps):
         path = step_dir(root, step)
+        if dist.get_rank() == 0:  # a large model's checkpoint takes minutes to check and read
+            checked = "checking and loading" if verify_files else "loading"
+            print(f"checkpoint: {checked} {path} ({size_note(path)})", flush=True)
         problem, result = _try_load(path, chunks, optimizer, verify_files)
         if problem is None:
             return path, *result
@@ -374,6 +385,12 @@ def _try_load(
 
 def load_model_only(path: str | os.PathLike, chunks: list[torch.nn.Module]) -> None:
     """Load just the model from a checkpoint (e.g. a converted HF checkpoint), any layout."""
+    if not (Path(path) / "metadata.json").is_file():  # what every rank sees: refused on each
+        found = "no such directory" if not Path(path).is_dir() else "no Megatron checkpoint in"
+        raise CheckpointError(
+            f"checkpoint.pretrained: {found} {path} (convert an HF checkpoint with "
+            "tools/convert_hf.py to-megatron, or name a step_NNNNNNNN directory of a run)"
+        )
     model_state = _model_state(chunks)
     try:
         with restricted_unpickling():

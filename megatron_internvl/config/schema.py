@@ -170,6 +170,9 @@ class CheckpointSection:
     """Write checkpoints in the background; committed once every rank has finished."""
     resume: bool = True
     """Resume from the latest committed checkpoint of this run if there is one."""
+    overwrite: bool = False
+    """Start a new run even where the run directory holds another: rank 0 first renames the old
+    run directory to a sibling <name>.replaced-<UTC time> (nothing is deleted)."""
     pretrained: str | None = None
     """A converted checkpoint (model only) to start from when not resuming."""
     verify: bool = True

@@ -8,13 +8,16 @@ checkpoints) and refuses, in one line naming the directory and the ways out:
 - a fresh start (`checkpoint.resume=false`) into a directory holding committed checkpoints;
 - a run whose model, seed or data differ from the recorded ones (resume or not).
 A run that already reached `train.steps` raises `RunAlreadyComplete` (exit 0, nothing written).
-Rank 0 decides and every rank acts on its decision.
+`checkpoint.overwrite=true` instead moves an existing run directory aside, to a sibling
+`<name>.replaced-<UTC time>`, and starts afresh: nothing is ever deleted.
+Rank 0 decides (and moves), then every rank acts on its decision.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +106,10 @@ def _decide(cfg: RunConfig, spec: InternVLSpec) -> tuple[str, str, dict[str, Any
 
     out = Path(cfg.output_dir) / cfg.name
     steps = committed_steps(out / "checkpoints")
-    ways_out = f"use another output_dir= or name= for a new run, or move {out} aside"
+    ways_out = (
+        "use another output_dir= or name= for a new run, or checkpoint.overwrite=true to move "
+        f"{out} aside"
+    )
     if steps and not cfg.checkpoint.resume:
         return (
             "refuse",
@@ -129,13 +135,47 @@ def _decide(cfg: RunConfig, spec: InternVLSpec) -> tuple[str, str, dict[str, Any
     return "ok", "", None if record.is_file() else current
 
 
+def _move_aside(out: Path) -> Path:
+    """Rename a run directory to an unused sibling `<name>.replaced-<UTC time>[-N]`."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = out.with_name(f"{out.name}.replaced-{stamp}")
+    count = 1
+    while aside.exists():
+        aside, count = out.with_name(f"{out.name}.replaced-{stamp}-{count}"), count + 1
+    out.rename(aside)
+    return aside
+
+
+def _replace(cfg: RunConfig, spec: InternVLSpec) -> tuple[str, str, dict[str, Any] | None]:
+    """Rank 0, `checkpoint.overwrite=true`: move a non-empty run directory aside, start anew."""
+    out = Path(cfg.output_dir) / cfg.name
+    current = run_identity(cfg, spec)  # a bad data path is refused before anything moves
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            aside = _move_aside(out)
+        except OSError as error:
+            return "refuse", f"checkpoint.overwrite=true: cannot move {out} aside ({error})", None
+        print(f"checkpoint.overwrite: moved the previous run {out} to {aside}", flush=True)
+    return "ok", "", current
+
+
+def _refusal_or(decide: Any, cfg: RunConfig, spec: InternVLSpec) -> tuple[str, str, Any]:
+    """Rank 0's decision; its own RunDirError (e.g. a missing shard folder) goes to every rank."""
+    try:
+        return decide(cfg, spec)
+    except RunDirError as error:
+        return "refuse", str(error), None
+
+
 def claim_run_dir(cfg: RunConfig, spec: InternVLSpec) -> None:
     """Collective: check the run directory before anything is written (see the module doc);
     rank 0 records the identity of a new run. Raises RunDirError or RunAlreadyComplete."""
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
-    decision: list[Any] = [_decide(cfg, spec) if rank == 0 else None]
+    decide = _replace if cfg.checkpoint.overwrite else _decide
+    # Rank 0 moves before it broadcasts: no rank looks at the directory before the move.
+    decision: list[Any] = [_refusal_or(decide, cfg, spec) if rank == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(decision, src=0)
     verdict, message, record = decision[0]
