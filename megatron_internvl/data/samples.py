@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from megatron_internvl.config.schema import DataSection
 from megatron_internvl.data.chat import IMAGE_PLACEHOLDER, add_image_placeholders
 from megatron_internvl.data.errors import BadSampleError, DataError
 from megatron_internvl.data.shard_index import SampleEntry
@@ -82,14 +83,15 @@ class SampleConfig:
 
     caption_prompts: tuple[str, ...] = DEFAULT_CAPTION_PROMPTS
     caption_min: Mapping[str, float] = field(default_factory=dict)
-    max_member_bytes: int = 64 << 20
-    max_json_bytes: int = 4 << 20
-    max_json_depth: int = 32
-    max_int_digits: int = 20
-    max_turn_chars: int = 65536
-    max_image_pixels: int = 36_000_000
-    max_sample_pixels: int = 72_000_000
-    max_video_frames: int = 4096
+    # The limits' values live once, in the run config's data section (documented there).
+    max_member_bytes: int = DataSection.max_member_bytes
+    max_json_bytes: int = DataSection.max_json_bytes
+    max_json_depth: int = DataSection.max_json_depth
+    max_int_digits: int = DataSection.max_int_digits
+    max_turn_chars: int = DataSection.max_turn_chars
+    max_image_pixels: int = DataSection.max_image_pixels
+    max_sample_pixels: int = DataSection.max_sample_pixels
+    max_video_frames: int = DataSection.max_video_frames
     video_frames: tuple[int, int] = (8, 32)
     """Frames per video sample are drawn from this inclusive range (InternVL 2.5: 8 to 32)."""
 
