@@ -26,7 +26,7 @@ def sample_block(log: str) -> str:
     steps = STEP.findall(log)
     if not steps:
         raise ValueError("no 'step N | loss' lines: pass the console output of scripts/demo.sh")
-    saved = re.findall(r"^saved (\S+)$", log, re.M)
+    saved = re.findall(r"^saved (\S+)", log, re.M)  # without its size and time
     artefacts = log[log.index("demo artefacts:") :].rstrip("\n").splitlines()
     root = re.search(r"^  shards +(\S+)/demo_shards$", log, re.M)
     lines = [steps[0], "...", steps[-1], *([f"saved {saved[-1]}"] if saved else []), *artefacts]

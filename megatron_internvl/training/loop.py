@@ -253,6 +253,7 @@ class _Run:
         self.logger.validation(self.step, self.valid_loss)
 
     def save(self) -> None:
+        started = time.perf_counter()
         path = ckpt.save(
             self.ckpt_root,
             self.step,
@@ -264,9 +265,11 @@ class _Run:
             extra_files=self.export_files,
             async_saver=self.async_saver,
         )
-        if self.rank == 0:
-            how = "writing in the background" if self.async_saver else "saved"
-            print(f"{how} {path}", flush=True)
+        if self.rank == 0 and self.async_saver:
+            print(f"writing in the background {path}", flush=True)
+        elif self.rank == 0:
+            seconds = time.perf_counter() - started
+            print(f"saved {path} ({ckpt.size_note(path)}, {seconds:.1f} s)", flush=True)
 
     def save_for_requeue(self) -> None:
         """A signal arrived (agreed by every rank): save, commit, and exit for requeue."""
