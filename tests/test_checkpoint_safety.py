@@ -133,8 +133,10 @@ def test_resume_refuses_a_planted_payload(first_run, tmp_path, where):
     # verify=false: the checksums would catch the edit first; this proves the unpickler does.
     result = _train(tmp_path, "name=run", "train.steps=6", "checkpoint.verify=false")
     output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-3000:]
-    assert "refused to load" in output and named in output, output[-3000:]
+    assert result.returncode == 2, output[-3000:]  # one `error:` line, no traceback
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "refused to load" in line and named in line, output[-3000:]
+    assert "Traceback" not in output
     assert "resumed from" not in output
     assert not marker.exists()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import pickle
 from collections.abc import Iterator
@@ -104,6 +105,19 @@ def weights_only_load(source: Any, where: str, **kwargs: Any) -> Any:
         raise _refuse(where, f"an object outside torch's weights-only set ({error})") from None
 
 
+def _not_a_refusal(record: logging.LogRecord) -> bool:
+    """torch DCP logs a failed metadata read with its traceback (on the root logger); a refusal
+    is reported once, in one line, by whoever catches it."""
+    error = record.exc_info[1] if record.exc_info else None
+    for _ in range(10):
+        if error is None:
+            return True
+        if isinstance(error, UnsafeCheckpointError):
+            return False
+        error = error.__cause__ or error.__context__
+    return True
+
+
 @contextlib.contextmanager
 def restricted_unpickling() -> Iterator[None]:
     """Within it, Megatron/torch's checkpoint readers unpickle only checkpoint data."""
@@ -146,10 +160,12 @@ def restricted_unpickling() -> Iterator[None]:
     reader.read_metadata = read_metadata
     planner.load_bytes = load_bytes
     common_strategy.load_common = load_common
+    logging.getLogger().addFilter(_not_a_refusal)
     try:
         yield
     finally:
         reader.read_metadata, planner.load_bytes, common_strategy.load_common = saved
+        logging.getLogger().removeFilter(_not_a_refusal)
 
 
 def unsafe_cause(error: BaseException) -> UnsafeCheckpointError | None:
