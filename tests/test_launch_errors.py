@@ -1,7 +1,8 @@
 """What the local launcher (`python -m megatron_internvl.launch.local`, torchrun on loopback)
 prints when ranks fail, through the training entry on two ranks: a data mistake is the ranks'
 one `error:` line and exit code 2, nothing of torchrun's; a crash keeps torchrun's failure
-report with the lowest failing rank's traceback."""
+report with the lowest failing rank's traceback; a `checkpoint.pretrained` that names no
+Megatron checkpoint is a user error too."""
 
 from __future__ import annotations
 
@@ -77,3 +78,16 @@ def test_a_crash_keeps_the_lowest_failing_ranks_traceback(shards, tmp_path):
     assert "rank      : 1 (local_rank: 1)" in root_cause
     assert "Traceback (most recent call last):" in root_cause
     assert "RuntimeError: injected crash on rank 1" in root_cause
+
+
+def test_a_pretrained_path_that_is_no_checkpoint_is_a_user_error(tmp_path):
+    from megatron_internvl.checkpoint.distributed import CheckpointError, load_model_only
+    from megatron_internvl.config.cli import is_user_error
+
+    with pytest.raises(CheckpointError, match="no such directory") as missing:
+        load_model_only(tmp_path / "nope", [])
+    assert is_user_error(missing.value)  # one `error:` line and exit code 2 at the entry
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")  # an HF checkpoint, not converted
+    with pytest.raises(CheckpointError, match=r"no Megatron checkpoint in .*to-megatron"):
+        load_model_only(tmp_path / "hf", [])
