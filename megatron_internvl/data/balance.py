@@ -175,3 +175,41 @@ def row_cost(
         pad = row_tokens - sum(s.tokens for s in row)
         cost += pad * model.per_token + pad**2 * model.per_token_squared
     return cost
+
+
+def deal_in_order(
+    samples: Sequence[SampleMeta], ranks: int, rows_per_rank: int, row_tokens: int, row_tiles: int
+) -> Assignment:
+    """The unbalanced deal: samples in stream order, each into the first row with room (rows
+    rank by rank), as if every rank packed the next share of the stream. The loader's step
+    takes exactly the samples this places, so balancing changes where a sample goes, never
+    which samples make the global batch. `rank_cost` is left empty (see `rank_costs`)."""
+    rows = _Rows(ranks, rows_per_rank, row_tokens, row_tiles)
+    left_over = []
+    for i, sample in enumerate(samples):
+        spot = next(((r, j) for r in range(ranks) for j in rows.fitting(r, sample)[:1]), None)
+        if spot is None:
+            left_over.append(i)
+        else:
+            rows.put(*spot, i, sample, 0.0)
+    return Assignment(rows.samples, left_over, [])
+
+
+def rank_costs(
+    deal: Assignment,
+    samples: Sequence[SampleMeta],
+    model: CostModel,
+    row_tokens: int,
+    padded_rows: bool = True,
+) -> list[float]:
+    """Each rank's cost under `deal` (the rows' FLOPs, `row_cost`)."""
+    return [
+        sum(row_cost(model, [samples[i] for i in row], row_tokens, padded_rows) for row in rank)
+        for rank in deal.rows
+    ]
+
+
+def max_over_mean(costs: Sequence[float]) -> float:
+    """The slowest rank's cost over the mean: the step time lost to imbalance is this - 1."""
+    mean = sum(costs) / len(costs)
+    return max(costs) / mean if mean > 0 else 1.0
