@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_internvl.data import balanced
-from megatron_internvl.data.balance import deal_in_order
+from megatron_internvl.data.balance import StepDeal
 from megatron_internvl.data.balanced import BalancedLoader
 from megatron_internvl.data.demo_data import build_demo_shards, demo_tokenizer
 from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, LoaderConfig
@@ -96,7 +95,8 @@ def rows_of_steps(pair, steps):
     out = []
     for _ in range(steps):
         step = [[r for _ in range(ROWS) for r in loader.next_rows()] for loader in pair]
-        assert pair[0].step_balance == pair[1].step_balance and pair[0].carry == pair[1].carry
+        assert pair[0].dealer.figures == pair[1].dealer.figures
+        assert pair[0].dealer.carry == pair[1].dealer.carry
         out.append([[[p.ref for p in row.payloads] for row in rank] for rank in step])
         for row in (row for rank in step for row in rank):
             assert row.num_tokens <= 512 and row.num_tiles <= 12
@@ -106,10 +106,7 @@ def rows_of_steps(pair, steps):
 def test_ranks_deal_the_stream_orders_global_batch_by_cost(demo, tokenizer, monkeypatch):
     steps = 5  # past the end of the first epoch (31 samples)
     dealt = rows_of_steps(loaders(demo, tokenizer), steps)
-    monkeypatch.setattr(
-        balanced, "balance", lambda s, m, ranks, rows, tokens, tiles, step: deal_in_order(
-            s, ranks, rows, tokens, tiles)
-    )  # fmt: skip
+    monkeypatch.setattr(StepDeal, "balanced", False)  # the stream-order deal
     stream = rows_of_steps(loaders(demo, tokenizer), steps)
     moved = 0
     for ours, theirs in zip(dealt, stream, strict=True):

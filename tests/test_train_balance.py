@@ -33,28 +33,22 @@ def overrides(split: dict[str, list[str]], out: Path) -> list[str]:
     ]
 
 
-def _in_order(samples, model, ranks, rows_per_rank, row_tokens, row_tiles, step=0, **_):
-    from megatron_internvl.data.balance import deal_in_order
-
-    return deal_in_order(samples, ranks, rows_per_rank, row_tokens, row_tiles)
-
-
 def train_runs(base: list[str]) -> dict[str, list[list[str]]]:
     """On every rank: train 'balanced', 'stream' (the stream-order deal), then 'resumed' from
     balanced's step-2 checkpoint; returns the sample keys this rank trained on, per step."""
     import torch.distributed as dist
 
     from megatron_internvl.config.schema import load_run_config
-    from megatron_internvl.data import balanced
+    from megatron_internvl.data.balance import StepDeal
     from megatron_internvl.train import compose
     from megatron_internvl.training import loop
 
     keys: dict[str, list[list[str]]] = {}
-    original = loop.data_source, balanced.balance
+    original = loop.data_source
 
     def recording(name):
         def source(*args, **kwargs):
-            data = original[0](*args, **kwargs)
+            data = original(*args, **kwargs)
             take = data.next_microbatches
 
             def next_microbatches(count):
@@ -74,11 +68,11 @@ def train_runs(base: list[str]) -> dict[str, list[list[str]]]:
         dist.barrier()
         keys[name] = []
         loop.data_source = recording(name)
-        balanced.balance = _in_order if name == "stream" else original[1]
+        StepDeal.balanced = name != "stream"
         try:
             assert loop.train(cfg) == 0
         finally:
-            loop.data_source, balanced.balance = original
+            loop.data_source, StepDeal.balanced = original, True
     return keys
 
 

@@ -2,21 +2,16 @@
 
 Without balancing each rank reads its own strided share of every epoch and packs it; ranks end
 up with very different work (tiles, per-sample len^2). Here every rank draws the same global
-stream (the full epoch order of each dataset and a mixture generator seeded with the seed
-only), so all of them know each step's candidates without communicating. A step takes, in
-stream order, the samples that the unbalanced deal (`balance.deal_in_order`: first row with
-room, rank by rank) places into the step's rows (data-parallel ranks x rows per rank); those
-that find no room yet are carried, first in line, into the next step (at most one look-ahead
-miss per row, so the carry is bounded). `balance.balance` then deals that same set to ranks and
-rows by cost: the global batch, hence the token-weighted loss, is the one the unbalanced deal
-would train on; if the balanced deal cannot place all of it, the step keeps the unbalanced
-deal (counted). The tile and token counts come from `sample_meta` (headers and text, no pixel
-decoded), so each rank then decodes only its own samples.
+stream (the full epoch order of each dataset, a mixture generator seeded with the seed only),
+so all of them know each step's samples without communicating, and `balance.StepDeal` deals
+them: the step's global batch is the one stream-order packing would make (the loss is
+unchanged), placed on ranks and rows by cost. The tile and token counts come from
+`sample_meta` (headers and text, no pixel decoded); each rank then decodes only its samples.
 
-State: the global stream position and mixture state, the carry, the step count (it rotates
-the deal's tie order) and this rank's rows of the current step as sample references; a resumed
-run recomputes every later deal exactly. Like the strided loader's, a state fits only the
-data-parallel size it was saved with.
+State: the global stream position and mixture state, the deal's carry and step count (it
+rotates the deal's tie order) and this rank's rows of the current step as sample references;
+a resumed run recomputes every later deal exactly. Like the strided loader's, a state fits
+only the data-parallel size it was saved with.
 """
 
 from __future__ import annotations
@@ -26,15 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_internvl.data.balance import (
-    Assignment,
-    CostModel,
-    SampleMeta,
-    balance,
-    deal_in_order,
-    max_over_mean,
-    rank_costs,
-)
+from megatron_internvl.data.balance import CostModel, SampleMeta, StepDeal
 from megatron_internvl.data.errors import BadSampleError
 from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, LoaderConfig, SampleRef
 from megatron_internvl.data.packing import PackedRow, Sample
@@ -68,7 +55,7 @@ class BalancedLoader(InternVLLoader):
                 f"of micro_batch_size={cfg.micro_batch_size}"
             )
         super().__init__(datasets, tokenizer, cfg, dp_rank, dp_size)
-        self.cost, self.rows_per_rank = cost, rows_per_rank
+        self.rows_per_rank = rows_per_rank
         self.mixture = np.random.default_rng([cfg.seed])  # the same draws on every rank
         settings = MetaSettings(
             sample=cfg.sample,
@@ -84,10 +71,8 @@ class BalancedLoader(InternVLLoader):
             [m for shard in spec.shards for m in shard_meta(shard, settings, tokenizer)]
             for spec in datasets
         ]
-        self.carry: list[SampleRef] = []
-        self.steps = 0
-        self.fallbacks = 0
-        self.step_balance: dict[str, float] | None = None
+        sizes = (dp_size, rows_per_rank, cfg.seq_length, cfg.max_tiles_per_row)
+        self.dealer = StepDeal(cost, *sizes)
 
     def _order(self, dataset: int, epoch: int) -> np.ndarray:
         """The whole epoch order (every rank reads the same global stream)."""
@@ -123,54 +108,20 @@ class BalancedLoader(InternVLLoader):
             return SampleMeta(tiles, self.packer.padded_length(tokens))
         return None
 
-    def _candidates(self) -> tuple[list[SampleRef], list[SampleMeta]]:
-        """The step's samples in stream order (carry first): those the unbalanced deal places;
-        the rest (at most one miss per row) becomes the next carry."""
-        ranks, rows = self.dp_size, self.rows_per_rank
-        room = [[self.cfg.seq_length, self.cfg.max_tiles_per_row] for _ in range(ranks * rows)]
-        pending, refs, metas, carry = list(self.carry), [], [], []
-        while len(carry) < ranks * rows:
-            if pending:
-                ref = pending.pop(0)
-            else:
-                ref, self.seen = self._next_ref(), self.seen + 1
-            assert ref is not None  # the training stream is endless
-            meta = self._sample_meta(ref)
-            if meta is None:
-                continue
-            spot = next((r for r in room if r[0] >= meta.tokens and r[1] >= meta.tiles), None)
-            if spot is None:
-                carry.append(ref)
-                continue
-            spot[0] -= meta.tokens
-            spot[1] -= meta.tiles
-            refs.append(ref)
-            metas.append(meta)
-        self.carry = carry + pending
-        return refs, metas
-
-    def deal(self, metas: list[SampleMeta]) -> Assignment:
-        """The balanced deal of the step's samples, or the unbalanced one if it leaves any."""
-        sizes = (self.dp_size, self.rows_per_rank, self.cfg.seq_length, self.cfg.max_tiles_per_row)
-        stream = deal_in_order(metas, *sizes)
-        dealt = balance(metas, self.cost, *sizes, step=self.steps)
-        if dealt.left_over:
-            self.fallbacks += 1
-            dealt = stream
-        self.step_balance = {
-            "max_over_mean": max_over_mean(rank_costs(dealt, metas, self.cost, sizes[2])),
-            "stream_max_over_mean": max_over_mean(rank_costs(stream, metas, self.cost, sizes[2])),
-            "fallbacks": float(self.fallbacks),
-        }
-        return dealt
+    def _draw(self) -> tuple[SampleRef, SampleMeta] | None:
+        """The stream's next sample with its metadata, or None when it cannot be used."""
+        ref = self._next_ref()
+        assert ref is not None  # the training stream is endless
+        self.seen += 1
+        meta = self._sample_meta(ref)
+        return None if meta is None else (ref, meta)
 
     def _next_step(self) -> None:
-        refs, metas = self._candidates()
-        mine = self.deal(metas).rows[self.dp_rank]
+        refs, dealt = self.dealer.next(self._draw)
+        mine = dealt.rows[self.dp_rank]
         flat = [refs[i] for row in mine for i in row]
         samples = iter(self._materialize(flat))
         self.ready = [self._build([next(samples) for _ in row]) for row in mine]
-        self.steps += 1
 
     def _build(self, materialized: list[Sample | BadSampleError]) -> PackedRow:
         """One dealt row (a sample that failed to decode is skipped and counted)."""
@@ -197,7 +148,7 @@ class BalancedLoader(InternVLLoader):
             self._next_step()
         size = self.cfg.micro_batch_size
         rows = StepRows(self.ready[:size])
-        rows.balance = self.step_balance
+        rows.balance = self.dealer.figures
         del self.ready[:size]
         self.micro_batches += 1
         return rows
@@ -210,12 +161,13 @@ class BalancedLoader(InternVLLoader):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        dealer = self.dealer
         state["balance"] = {
-            "carry": [list(ref) for ref in self.carry],
-            "steps": self.steps,
-            "fallbacks": self.fallbacks,
+            "carry": [list(ref) for ref, _ in dealer.carry],
+            "steps": dealer.steps,
+            "fallbacks": dealer.fallbacks,
             "rows_per_rank": self.rows_per_rank,
-            "step_balance": self.step_balance,
+            "figures": dealer.figures,
         }
         return state
 
@@ -229,6 +181,8 @@ class BalancedLoader(InternVLLoader):
                 "or start the data stream afresh"
             )
         super().load_state_dict(state)
-        self.carry = [tuple(ref) for ref in saved["carry"]]
-        self.steps, self.fallbacks = saved["steps"], saved["fallbacks"]
-        self.step_balance = saved["step_balance"]
+        dealer = self.dealer
+        carry = [tuple(ref) for ref in saved["carry"]]
+        dealer.carry = [(ref, self._sample_meta(ref)) for ref in carry]  # usable: carried
+        dealer.steps, dealer.fallbacks = saved["steps"], saved["fallbacks"]
+        dealer.figures = saved["figures"]
