@@ -191,7 +191,7 @@ def print_loader_rows(settings: list[tuple[int, int]], args, model) -> None:
     )
     print(
         f"{'DP':>5} {'rows/rank':>9} {'samples/step':>12} {'stream max/mean':>16} "
-        f"{'dealt max/mean':>15} {'step-time gain':>14} {'kept stream':>11} {'ms/step':>8}"
+        f"{'dealt max/mean':>15} {'step-time gain':>14} {'fallbacks':>11} {'ms/step':>8}"
     )
     for dp, rows in settings:
         r = simulate_loader(dp, rows, args, model)

@@ -130,6 +130,8 @@ def test_resumed_rank_yields_the_uninterrupted_stream(demo, tokenizer, stop):
     strided = InternVLLoader([DatasetSpec("demo", demo)], tokenizer, config(), 1, 2)
     with pytest.raises(ValueError, match=r"saved without data\.balance"):
         resumed.load_state_dict(strided.state_dict())
+    with pytest.raises(ValueError, match=r"saved with data\.balance=true"):
+        strided.load_state_dict(state)
 
 
 def test_balance_off_builds_the_strided_loader(demo):

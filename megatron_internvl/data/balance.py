@@ -72,8 +72,13 @@ class _Rows:
         self.samples = [[[] for _ in range(rows_per_rank)] for _ in range(ranks)]
         self.room = [[[row_tokens, row_tiles] for _ in range(rows_per_rank)] for _ in range(ranks)]
         self.row_load = [[0.0] * rows_per_rank for _ in range(ranks)]
+        # Most tokens and most tiles left in any row of a rank: a quick "fits nowhere".
+        self.most = [[row_tokens, row_tiles] for _ in range(ranks)]
 
     def fitting(self, rank: int, sample: SampleMeta) -> list[int]:
+        most = self.most[rank]
+        if sample.tokens > most[0] or sample.tiles > most[1]:
+            return []
         return [
             j
             for j, (tokens, tiles) in enumerate(self.room[rank])
@@ -85,6 +90,7 @@ class _Rows:
         self.room[rank][row][0] -= sample.tokens
         self.room[rank][row][1] -= sample.tiles
         self.row_load[rank][row] += load
+        self.most[rank] = [max(r[0] for r in self.room[rank]), max(r[1] for r in self.room[rank])]
 
 
 def balance(
