@@ -111,11 +111,75 @@ def test_benchmark_meets_target():
         cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
-    lines = [
-        line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["8"], ["64"])
-    ]
-    assert len(lines) == 2, out.stdout
-    for cols in lines:
+    library, loader = out.stdout.split("loader path")
+
+    def rows(table):
+        return [line.split() for line in table.splitlines() if line.split()[:1] in (["8"], ["64"])]
+
+    assert len(rows(library)) == len(rows(loader)) == 2, out.stdout
+    for cols in rows(library):
         before, after, bound = float(cols[3]), float(cols[5]), float(cols[7])
         # The target (max/mean <= 1.05), above what no deal can beat (one sample's cost).
         assert after <= before and after <= bound + 0.05, out.stdout
+    for cols in rows(loader):  # the loader's deal: never worse than the stream order's
+        assert float(cols[5]) <= float(cols[3]), out.stdout
+
+
+STREAM = random_step(3, 20_000, 8192, 24)
+
+
+def a_stream():
+    """draw() of a stream of (reference, metadata): the reference is the index in STREAM."""
+    count = iter(range(len(STREAM)))
+    return lambda: (i := next(count), STREAM[i])
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_step_deal_trains_the_stream_orders_batch_and_carries_the_rest(rows, monkeypatch):
+    from megatron_internvl.data.balance import StepDeal, deal_in_order
+
+    ranks, row_tokens, row_tiles = 8, 8192, 24
+    drawn = a_stream()
+    ours = StepDeal(MODEL, ranks, rows, row_tokens, row_tiles)
+    steps, figures = [], []
+    for _ in range(6):
+        steps.append(ours.next(drawn))
+        figures.append(ours.figures)
+    seen = [ref for refs, _ in steps for ref in refs] + [ref for ref, _ in ours.carry]
+    assert sorted(seen) == list(range(max(seen) + 1))  # every drawn sample: trained or carried
+    assert len(ours.carry) <= ranks * rows
+    # Unbalanced: the same samples per step, first fit in stream order (an independent loop).
+    monkeypatch.setattr(StepDeal, "balanced", False)
+    drawn = a_stream()
+    stream = StepDeal(MODEL, ranks, rows, row_tokens, row_tiles)
+    moved = 0
+    for (refs, dealt), (stream_refs, in_order) in zip(
+        steps, [stream.next(drawn) for _ in steps], strict=True
+    ):
+        assert refs == stream_refs
+        first_fit = deal_in_order([STREAM[i] for i in refs], ranks, rows, row_tokens, row_tiles)
+        assert in_order.rows == first_fit.rows and not first_fit.left_over
+        cells = sorted(i for rank in dealt.rows for row in rank for i in row)
+        assert cells == list(range(len(refs)))  # each once, in some row of some rank
+        moved += in_order.rows != dealt.rows
+    assert moved
+    assert all(f["max_over_mean"] <= f["stream_max_over_mean"] for f in figures)
+    assert sum(f["stream_max_over_mean"] - f["max_over_mean"] for f in figures) > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_improve_keeps_a_deal_feasible_and_never_worse(seed):
+    from megatron_internvl.data.balance import deal_in_order, improve, max_over_mean, rank_costs
+
+    ranks, rows, row_tokens, row_tiles = 8, 2, 8192, 24
+    samples = random_step(seed, 12 * ranks * rows, row_tokens, row_tiles)
+    tight = deal_in_order(samples, ranks, rows, row_tokens, row_tiles)
+    better = improve(tight, samples, MODEL, row_tokens, row_tiles)
+    dealt = sorted(i for rank in better.rows for row in rank for i in row)
+    assert dealt == sorted(i for rank in tight.rows for row in rank for i in row)
+    assert better.left_over == tight.left_over
+    for row in (row for rank in better.rows for row in rank):
+        assert sum(samples[i].tokens for i in row) <= row_tokens
+        assert sum(samples[i].tiles for i in row) <= row_tiles
+    before = max_over_mean(rank_costs(tight, samples, MODEL, row_tokens))
+    assert max_over_mean(rank_costs(better, samples, MODEL, row_tokens)) < before

@@ -158,6 +158,12 @@ class DataSection:
     """[min, max] frames sampled per video (InternVL 2.5: 8 to 32), one tile each."""
     max_consecutive_drops: int = 200
     """The loader stops with an error after this many samples in a row were dropped."""
+    balance: bool = False
+    """Tile-aware data-parallel balancing (source=shards): every rank draws the same global
+    stream, and each step's samples (those stream-order packing would put in the step's rows)
+    are dealt to ranks and rows by cost (ViT tiles, LLM tokens, per-sample len^2; the FLOPs
+    model), from tile and token counts read before decoding (a side file per shard, written on
+    first use). false: each rank reads and packs its own strided share (the stream differs)."""
 
 
 @dataclass

@@ -106,6 +106,11 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
     if cfg.train.nonfinite not in ("skip", "stop"):
         errors.append(f"train.nonfinite={cfg.train.nonfinite!r}; use 'skip' or 'stop'")
     errors += _validation_set_errors(cfg)
+    if cfg.data.balance and cfg.data.source != "shards":
+        errors.append(
+            f"data.balance=true deals shard samples by cost; data.source={cfg.data.source!r} "
+            "has none: set data.source=shards or data.balance=false"
+        )
     if cfg.data.prefetch < 0:
         errors.append(f"data.prefetch={cfg.data.prefetch}; use 0 (off) or a positive depth")
     memory_gb = cfg.cluster.get("gpu_memory_gb") if cfg.cluster else None

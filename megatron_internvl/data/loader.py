@@ -433,6 +433,11 @@ class InternVLLoader:
                 f"exactly to another number of ranks: resume with dp_size={state['dp_size']}, or "
                 "start the data stream afresh (skip loading the loader state, change the seed)"
             )
+        if "balance" in state and not hasattr(self, "dealer"):
+            raise ValueError(
+                "loader state was saved with data.balance=true (one global stream dealt by "
+                "cost), this loader reads a strided share; resume with data.balance=true"
+            )
         here = [(d.name, len(e)) for d, e in zip(self.datasets, self.entries, strict=True)]
         if [tuple(d) for d in state["datasets"]] != here or state["seed"] != self.cfg.seed:
             raise ValueError(

@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from megatron_internvl.data.errors import DataError
 
 INDEX_VERSION = "v1.2"
+T = TypeVar("T")
 LOCK_WAIT_S = 600.0
 """How long a process waits for another one to finish an index before giving up."""
 
@@ -170,31 +172,48 @@ def read_index(tar_path: str | os.PathLike) -> list[SampleEntry]:
 def ensure_index(tar_path: str | os.PathLike, wait_s: float = LOCK_WAIT_S) -> Path:
     """The shard's index, built first when missing (by one process; the others wait)."""
     idx = index_path(tar_path)
-    lock = idx.with_name(f".{idx.name}.lock")
+    fix = f"build it with `python tools/validate_shards.py --fix-index {Path(tar_path).parent}`"
+    try:
+        build_once(idx, lambda path: write_index(tar_path, path), f"the index {idx}", fix, wait_s)
+    except ValueError as error:
+        raise DataError(
+            f"data: cannot index {error}; check it with tools/validate_shards.py"
+        ) from error
+    return idx
+
+
+def build_once(
+    target: Path,
+    write: Callable[[Path], T],
+    what: str,
+    fix: str = "make the shard folder writable",
+    wait_s: float = LOCK_WAIT_S,
+    rebuild: bool = False,
+) -> T | None:
+    """Make `target` with `write(target)` unless it exists (`rebuild`: replace it), by one
+    process: it takes a lock file (`O_EXCL`) next to it, the others wait for the lock to go.
+    Returns what `write` returned in the process that wrote, None in the others."""
+    lock = target.with_name(f".{target.name}.lock")
     deadline = time.monotonic() + wait_s
-    while not idx.exists():
+    while rebuild or not target.exists():
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             if time.monotonic() > deadline:
                 raise DataError(
-                    f"data: waited {wait_s:.0f} s for another process to index {tar_path}; if "
+                    f"data: waited {wait_s:.0f} s for another process to write {what}; if "
                     f"none is running, delete {lock}"
                 ) from None
             time.sleep(0.2)
+            rebuild = rebuild and lock.exists()  # another process rebuilt it meanwhile
             continue
         except OSError as error:
             raise DataError(
-                f"data: no index {idx} and its folder is not writable ({error.strerror}); build "
-                f"it with `python tools/validate_shards.py --fix-index {Path(tar_path).parent}`"
+                f"data: cannot write {what}: its folder is not writable ({error.strerror}); {fix}"
             ) from error
         try:
-            write_index(tar_path, idx)
-        except ValueError as error:
-            raise DataError(
-                f"data: cannot index {error}; check it with tools/validate_shards.py"
-            ) from error
+            return write(target)
         finally:
             os.close(fd)
             lock.unlink(missing_ok=True)
-    return idx
+    return None

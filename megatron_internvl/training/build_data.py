@@ -150,7 +150,18 @@ def data_source(
             DatasetSpec(name=shard_set_name(path), shards=shard_list([path]), weight=weight)
             for path, weight in zip(cfg.data.shards, weights, strict=True)
         ]
-        loader = InternVLLoader(datasets, tokenizer, loader_config(cfg, spec), dp_rank, dp_size)
+        settings = loader_config(cfg, spec)
+        if cfg.data.balance:
+            from megatron_internvl.data.balanced import BalancedLoader
+            from megatron_internvl.training.sample_cost import sample_cost_model
+
+            cost = sample_cost_model(spec, cfg.train.stage)
+            rows_per_rank = cfg.train.global_batch // dp_size
+            loader = BalancedLoader(
+                datasets, tokenizer, settings, dp_rank, dp_size, cost, rows_per_rank
+            )
+        else:
+            loader = InternVLLoader(datasets, tokenizer, settings, dp_rank, dp_size)
         return ShardSource(loader, cfg.data.prefetch)
     if cfg.data.source == "synthetic":
         synthetic = SyntheticSpec(

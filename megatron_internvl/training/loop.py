@@ -236,6 +236,7 @@ class _Run:
             world_size=dist.get_world_size(),
             peak_tflops=cfg.logging.peak_tflops,
             fill_rate=getattr(self.data, "fill_rate", None),
+            balance=rows[0].get("balance") if rows else None,
         )
         self.timed_steps += 1
         if self.logger.due(self.step):  # every rank: the timers gather over the world

@@ -54,7 +54,10 @@ class MetricsLogger:
         world_size: int,
         peak_tflops: float | None,
         fill_rate: float | None = None,
+        balance: dict[str, float] | None = None,
     ) -> None:
+        """`balance`: the step's data-parallel balance (`data.balance`): max/mean rank cost
+        as dealt and as the stream order would have dealt it, and the deals kept unbalanced."""
         self.skipped_total += int(skipped)
         if not self.active or not self.due(step):
             return
@@ -71,6 +74,7 @@ class MetricsLogger:
             "throughput/mfu": tflops_per_gpu / peak if peak else None,
             "memory/gb": memory_gb(),
             "data/packing_fill_rate": fill_rate,
+            **{f"data/balance_{k}": v for k, v in (balance or {}).items()},
         }
         if self.writer is not None:
             for name, value in scalars.items():
@@ -81,6 +85,11 @@ class MetricsLogger:
         norm_text = f"{grad_norm:.3f}" if grad_norm is not None else "-"
         mfu = f" | MFU {scalars['throughput/mfu']:.1%}" if scalars["throughput/mfu"] else ""
         mfu += f" | packed {fill_rate:.1%}" if fill_rate is not None else ""
+        if balance:
+            mfu += (
+                f" | rank cost max/mean {balance['max_over_mean']:.3f} "
+                f"(stream order {balance['stream_max_over_mean']:.3f})"
+            )
         print(
             f"step {step:6d} | loss {loss_text} | lr {lr:.3e} | grad norm {norm_text} | "
             f"{tokens / seconds:,.0f} tok/s | {tflops_per_gpu:.4f} TFLOP/s/GPU{mfu} | "
