@@ -50,6 +50,10 @@ class ParallelSection:
     """Context-parallel size (splits each packed row)."""
     sequence_parallel: bool = False
     """Sequence parallelism over the TP group."""
+    vision_tensor: int | None = None
+    """Tensor-parallel size of the ViT and projector; divides `tensor` (None: `tensor`). Smaller
+    values split each micro-batch's tiles over tensor/vision_tensor ViT replicas (less head
+    padding, fewer ViT all-reduces)."""
     first_stage_layers: int | None = None
     """LLM layers on pipeline stage 0 (which also runs the ViT); None splits evenly."""
     distributed_optimizer: bool = True

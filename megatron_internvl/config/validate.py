@@ -23,7 +23,12 @@ def layout_of(cfg: RunConfig) -> ParallelLayout:
     p = cfg.parallel
     try:
         return ParallelLayout(
-            p.tensor, p.pipeline, p.virtual_pipeline, p.context, p.sequence_parallel
+            p.tensor,
+            p.pipeline,
+            p.virtual_pipeline,
+            p.context,
+            p.sequence_parallel,
+            vision_tensor=p.vision_tensor,
         )
     except ValueError as error:
         raise RecipeError(f"recipe {cfg.name}: {error}") from None
@@ -252,7 +257,9 @@ def estimate_memory(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> Memo
         4 * vit.hidden_size**2 + 2 * vit.hidden_size * vit.ffn_hidden_size
     )
     proj_params = spec.projector_input_size * h + h * h
-    params = (stage0_layers * per_layer + lang.vocab_size * h + vit_params + proj_params) / tp
+    vt = layout.vision_tensor_size  # the ViT's TP; its replicas split the tiles
+    llm_params = stage0_layers * per_layer + lang.vocab_size * h
+    params = llm_params / tp + (vit_params + proj_params) / vt
     optimizer_bytes = 12 / dp if cfg.parallel.distributed_optimizer else 12
     weights = params * (2 + 4 + optimizer_bytes)
 
@@ -263,12 +270,12 @@ def estimate_memory(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> Memo
         llm_act = (2 * s * b * h / tp) * stage0_layers * in_flight + s * b * h * (10 + 24 / tp)
     else:
         llm_act = s * b * h * (10 + 24 / tp) * stage0_layers * in_flight
-    tiles = cfg.data.max_tiles_per_row * b
+    tiles = math.ceil(cfg.data.max_tiles_per_row * b / layout.vision_replicas)
     vit_tokens = tiles * (vit.num_patches + 1)
     vit_act = (
         vit_tokens
         * vit.hidden_size
-        * (10 + 24 / tp)
+        * (10 + 24 / vt)
         * (1 if cfg.model.recompute == "full" else vit.num_layers)
     )
     return MemoryEstimate(weights / 2**30, (llm_act + vit_act) * 1.1 / 2**30)
