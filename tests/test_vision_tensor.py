@@ -114,3 +114,17 @@ def test_training_entry_on_demo_shards_gives_the_vision_tp2_losses(tmp_path):
     resumed, expected = curves(out, "vtp1_resumed"), curves(out, "vtp2")
     assert sorted(resumed.losses) == [STEPS]
     assert abs(resumed.losses[STEPS] - expected.losses[STEPS]) < TRAIN_TOLERANCE
+    # The runs did shard the ViT as asked: the projector's fc1 is saved in vision-TP pieces.
+    assert _saved_pieces(out, "vtp2", PROJECTOR_FC1) == 2
+    assert _saved_pieces(out, "vtp1", PROJECTOR_FC1) == 1
+
+
+PROJECTOR_FC1 = "vision_projection.mlp.linear_fc1.weight"
+
+
+def _saved_pieces(out, name: str, key: str) -> int:
+    """Shards of `key` in the run's last checkpoint, by torch's own checkpoint reader."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    last = sorted((out / name / "checkpoints").glob("step_*"))[-1]
+    return len(FileSystemReader(str(last)).read_metadata().state_dict_metadata[key].chunks)
