@@ -12,9 +12,13 @@ from __future__ import annotations
 import pytest
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_internvl.config.schema import load_run_config
+from megatron_internvl.config.validate import RecipeError, validate
+from megatron_internvl.models.registry import get_spec
 from megatron_internvl.models.vision import vision_transformer_config
 from megatron_internvl.models.vision_config import INTERNVIT_6B
 from megatron_internvl.parallel.layout import ParallelLayout
+from megatron_internvl.train import compose
 from tests import vision_tensor_cases
 from tests.harness import run_on_ranks
 from tests.train_runs import INIT, STEPS, Run, base_overrides, build_demo_split, curves, run_all
@@ -49,6 +53,22 @@ def test_vision_tensor_must_divide_tensor():
     assert str(ParallelLayout(tensor=4, vision_tensor=4)) == "tp4-pp1-cp1"  # today's layout
 
 
+def test_recipe_fields_reach_the_layout_and_are_checked_at_the_boundary():
+    def load(*overrides: str):
+        return load_run_config(compose(["recipe=demo_cpu_shards", *overrides]))
+
+    cfg = load("parallel.tensor=2", "parallel.vision_tensor=1", "model.recompute=full+vit")
+    spec = get_spec(cfg.model.flavour)
+    layout = validate(cfg, spec, 2)
+    assert (layout.tensor, layout.vision_tensor_size, cfg.model.recompute) == (2, 1, "full+vit")
+    with pytest.raises(RecipeError, match=r"vision_tensor=3 must divide tensor=2"):
+        validate(
+            load("parallel.tensor=2", "parallel.vision_tensor=3"), get_spec(cfg.model.flavour), 2
+        )
+    with pytest.raises(RecipeError, match=r"model.recompute='vit'; use null, 'selective'"):
+        validate(load("model.recompute=vit"), spec, 2)
+
+
 @pytest.mark.parametrize(
     ("tensor", "vision_tensor", "heads"), [(8, None, 32), (8, 1, 25), (10, 5, 25), (8, 4, 28)]
 )
@@ -73,6 +93,10 @@ def test_checkpoints_reshard_between_vision_tp2_and_vision_tp1(two_ranks):
     # Reference at TP=2 (vision TP 2): its weights load at vision TP 1, whose gradients are
     # saved and loaded back at vision TP 2.
     _assert_matches(two_ranks["resharded"])
+
+
+def test_vit_recomputation_gives_the_same_gradients(two_ranks):
+    _assert_matches(two_ranks["recomputed"])
 
 
 def test_grad_norm_counts_each_vit_shard_once(two_ranks):

@@ -33,7 +33,9 @@ class ModelSection:
     vision_pad_heads_to: int | None = None
     """Pad ViT heads to a multiple of this (default: the TP size)."""
     recompute: str | None = None
-    """Activation recomputation: None, "selective" (attention core) or "full" (whole layers)."""
+    """Activation recomputation: None, "selective" (attention core), "full" (whole LLM layers) or
+    "full+vit" (whole LLM and ViT layers: the 6B ViT's activations over 48 tiles otherwise
+    dominate pipeline stage 0)."""
     vit_drop_path: float = 0.0
     """ViT stochastic depth at the last layer (0.1 for 300M, 0.4 for 6B when the ViT trains)."""
 

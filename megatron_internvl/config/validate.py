@@ -106,6 +106,10 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
             f"the warm-up ({warmup} steps) must be shorter than train.steps={t.steps}; "
             "lower train.warmup_steps or raise train.steps"
         )
+    if cfg.model.recompute not in (None, "selective", "full", "full+vit"):
+        errors.append(
+            f"model.recompute={cfg.model.recompute!r}; use null, 'selective', 'full' or 'full+vit'"
+        )
     if cfg.train.stage not in ("1", "1.5", "2"):
         errors.append(f"train.stage={cfg.train.stage!r}; use '1', '1.5' or '2'")
     if cfg.train.nonfinite not in ("skip", "stop"):
@@ -266,7 +270,7 @@ def estimate_memory(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> Memo
     s = cfg.data.seq_length / layout.context
     b = cfg.train.micro_batch
     in_flight = pp
-    if cfg.model.recompute == "full":
+    if cfg.model.recompute in ("full", "full+vit"):
         llm_act = (2 * s * b * h / tp) * stage0_layers * in_flight + s * b * h * (10 + 24 / tp)
     else:
         llm_act = s * b * h * (10 + 24 / tp) * stage0_layers * in_flight
@@ -276,6 +280,6 @@ def estimate_memory(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> Memo
         vit_tokens
         * vit.hidden_size
         * (10 + 24 / vt)
-        * (1 if cfg.model.recompute == "full" else vit.num_layers)
+        * (1 if cfg.model.recompute in ("full", "full+vit") else vit.num_layers)
     )
     return MemoryEstimate(weights / 2**30, (llm_act + vit_act) * 1.1 / 2**30)

@@ -178,6 +178,14 @@ class InternVLModel(MegatronModule):
         )
 
 
+VISION_RECOMPUTE = {
+    "recompute_granularity": "full",
+    "recompute_method": "uniform",
+    "recompute_num_layers": 1,
+}
+"""ViT config fields of full recomputation, layer by layer."""
+
+
 def build_internvl_chunks(
     spec: InternVLSpec,
     layout: ParallelLayout,
@@ -187,6 +195,7 @@ def build_internvl_chunks(
     backend: str = "local",
     precision: PrecisionConfig | None = None,
     with_vision: bool = True,
+    vision_recompute: bool = False,
     **language_overrides: Any,
 ) -> list[InternVLModel]:
     """This rank's InternVL chunks.
@@ -194,7 +203,9 @@ def build_internvl_chunks(
     `first_stage_layers` gives pipeline stage 0 fewer LLM layers, since it also runs the ViT;
     `vision_pad_heads_to` is the ViT's head-padding multiple (see vision_transformer_config);
     `backend` is "local" or "te" (Transformer Engine, needed for FP8); `with_vision=False`
-    builds the language model alone (text-only training, LLM benchmarks).
+    builds the language model alone (text-only training, LLM benchmarks);
+    `vision_recompute` recomputes the ViT's layers in the backward pass (one at a time: only
+    each layer's input is kept for the tiles).
     """
     chosen = get_backend(backend)
     precision = precision or PrecisionConfig()
@@ -210,6 +221,7 @@ def build_internvl_chunks(
     language_config = spec.language.transformer_config(layout, **overrides)
     # Settings every sub-model must share (e.g. meta-device builds skip initialization).
     shared = {k: v for k, v in language_overrides.items() if k in ("perform_initialization",)}
+    vision_only = dict(VISION_RECOMPUTE) if vision_recompute else {}
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -223,7 +235,12 @@ def build_internvl_chunks(
                 language_config,
                 (
                     vision_transformer_config(
-                        spec.vision, layout, vision_pad_heads_to, **numerics, **shared
+                        spec.vision,
+                        layout,
+                        vision_pad_heads_to,
+                        **numerics,
+                        **shared,
+                        **vision_only,
                     )
                     if vision
                     else None
