@@ -107,6 +107,7 @@ def test_four_rank_layouts_with_vision_tp1_match_one_rank(tmp_path):
     report = run_on_ranks(vision_tensor_cases.four_rank_reports, 4, str(tmp_path), timeout_s=900)[0]
     _assert_matches(report["one_rank"])
     _assert_optimizer_step_matches(report["optimizer"])
+    _assert_matches(report["vision_sp"])  # TP=4 + SP, vision TP=2: SP inside each replica
 
 
 SP = ("parallel.tensor=2", "parallel.sequence_parallel=true")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +67,39 @@ def two_rank_reports(tmp: str) -> dict[str, Any]:
     }
 
 
+def build_with_four_kv_groups(layout: ParallelLayout) -> list:
+    """The 6B-style flavour with 4 KV groups, so that its LLM splits over TP=4."""
+    spec = get_spec(FLAVOUR)
+    spec = dataclasses.replace(
+        spec, language=dataclasses.replace(spec.language, num_query_groups=4)
+    )
+    chunks = build_internvl_chunks(spec, layout, internvl_cases.SEQ, vision_pad_heads_to=2)
+    for chunk in chunks:
+        cpu_platform.adapt_model_config(chunk.config)
+    return wrap_with_ddp(chunks, chunks[0].config)
+
+
 def four_rank_reports(tmp: str) -> dict[str, Any]:
     """On 4 ranks: PP=2 x TP=2 and CP=2 x TP=2 + SP with vision TP=1 against one rank; one
-    clipped Adam step with the distributed optimizer at DP=2 x TP=2, vision TP=1."""
+    clipped Adam step with the distributed optimizer at DP=2 x TP=2, vision TP=1; TP=4 + SP with
+    vision TP=2 (two replicas, each sequence-parallel) against one rank."""
     layouts = [
         ParallelLayout(tensor=2, pipeline=2, vision_tensor=1),
         ParallelLayout(tensor=2, context=2, sequence_parallel=True, vision_tensor=1),
     ]
     root = Path(tmp)
+    batches = internvl_cases.packed_microbatches(FLAVOUR)
     return {
         "one_rank": internvl_cases.layout_parity(
             str(root / "one_rank"), FLAVOUR, layouts, first_stage_layers=1
         ),
         "optimizer": internvl_cases.distributed_optimizer_parity(
             str(root / "optimizer"), FLAVOUR, ParallelLayout(tensor=2, vision_tensor=1)
+        ),
+        "vision_sp": parity.compare_layouts(
+            root / "vision_sp",
+            build_with_four_kv_groups,
+            lambda chunks, layout: internvl_cases.step(chunks, layout, batches),
+            [ParallelLayout(tensor=4, sequence_parallel=True, vision_tensor=2)],
         ),
     }
