@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         p = cfg.parallel
         shipped_layout = Layout(
             p.tensor,
-            p.tensor,
+            p.vision_tensor or p.tensor,
             p.pipeline,
             p.first_stage_layers,
             p.context,
@@ -104,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg.train.micro_batch,
         )
         shipped = Plan(
-            shipped_layout, predict(spec, param_table(spec, p.tensor), shipped_layout, work, hw)
+            shipped_layout,
+            predict(
+                spec,
+                param_table(spec, shipped_layout.vision_tensor),
+                shipped_layout,
+                work,
+                hw,
+            ),
         )
     print(
         f"{spec.name} on {work.gpus} GPUs x {hw.gpu_memory_gb:g} GB, stage {work.training_stage}: "

@@ -33,7 +33,9 @@ class ModelSection:
     vision_pad_heads_to: int | None = None
     """Pad ViT heads to a multiple of this (default: the TP size)."""
     recompute: str | None = None
-    """Activation recomputation: None, "selective" (attention core) or "full" (whole layers)."""
+    """Activation recomputation: None, "selective" (attention core), "full" (whole LLM layers) or
+    "full+vit" (whole LLM and ViT layers: the 6B ViT's activations over 48 tiles otherwise
+    dominate pipeline stage 0)."""
     vit_drop_path: float = 0.0
     """ViT stochastic depth at the last layer (0.1 for 300M, 0.4 for 6B when the ViT trains)."""
 
@@ -50,6 +52,10 @@ class ParallelSection:
     """Context-parallel size (splits each packed row)."""
     sequence_parallel: bool = False
     """Sequence parallelism over the TP group."""
+    vision_tensor: int | None = None
+    """Tensor-parallel size of the ViT and projector; divides `tensor` (None: `tensor`). Smaller
+    values split each micro-batch's tiles over tensor/vision_tensor ViT replicas (less head
+    padding, fewer ViT all-reduces)."""
     first_stage_layers: int | None = None
     """LLM layers on pipeline stage 0 (which also runs the ViT); None splits evenly."""
     distributed_optimizer: bool = True

@@ -23,7 +23,12 @@ def layout_of(cfg: RunConfig) -> ParallelLayout:
     p = cfg.parallel
     try:
         return ParallelLayout(
-            p.tensor, p.pipeline, p.virtual_pipeline, p.context, p.sequence_parallel
+            p.tensor,
+            p.pipeline,
+            p.virtual_pipeline,
+            p.context,
+            p.sequence_parallel,
+            vision_tensor=p.vision_tensor,
         )
     except ValueError as error:
         raise RecipeError(f"recipe {cfg.name}: {error}") from None
@@ -100,6 +105,10 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
         errors.append(
             f"the warm-up ({warmup} steps) must be shorter than train.steps={t.steps}; "
             "lower train.warmup_steps or raise train.steps"
+        )
+    if cfg.model.recompute not in (None, "selective", "full", "full+vit"):
+        errors.append(
+            f"model.recompute={cfg.model.recompute!r}; use null, 'selective', 'full' or 'full+vit'"
         )
     if cfg.train.stage not in ("1", "1.5", "2"):
         errors.append(f"train.stage={cfg.train.stage!r}; use '1', '1.5' or '2'")
@@ -257,23 +266,25 @@ def estimate_memory(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> Memo
         4 * vit.hidden_size**2 + 2 * vit.hidden_size * vit.ffn_hidden_size
     )
     proj_params = spec.projector_input_size * h + h * h
-    params = (stage0_layers * per_layer + lang.vocab_size * h + vit_params + proj_params) / tp
+    vt = layout.vision_tensor_size  # the ViT's TP; its replicas split the tiles
+    llm_params = stage0_layers * per_layer + lang.vocab_size * h
+    params = llm_params / tp + (vit_params + proj_params) / vt
     optimizer_bytes = 12 / dp if cfg.parallel.distributed_optimizer else 12
     weights = params * (2 + 4 + optimizer_bytes)
 
     s = cfg.data.seq_length / layout.context
     b = cfg.train.micro_batch
     in_flight = pp
-    if cfg.model.recompute == "full":
+    if cfg.model.recompute in ("full", "full+vit"):
         llm_act = (2 * s * b * h / tp) * stage0_layers * in_flight + s * b * h * (10 + 24 / tp)
     else:
         llm_act = s * b * h * (10 + 24 / tp) * stage0_layers * in_flight
-    tiles = cfg.data.max_tiles_per_row * b
+    tiles = math.ceil(cfg.data.max_tiles_per_row * b / layout.vision_replicas)
     vit_tokens = tiles * (vit.num_patches + 1)
     vit_act = (
         vit_tokens
         * vit.hidden_size
-        * (10 + 24 / tp)
-        * (1 if cfg.model.recompute == "full" else vit.num_layers)
+        * (10 + 24 / vt)
+        * (1 if cfg.model.recompute in ("full", "full+vit") else vit.num_layers)
     )
     return MemoryEstimate(weights / 2**30, (llm_act + vit_act) * 1.1 / 2**30)

@@ -4,6 +4,8 @@ The ViT and projector live on the first pipeline stage only. The first stage emb
 row, writes the projected image tokens over the `<IMG_CONTEXT>` embeddings in order (row-major
 over [batch, sequence], as InternVL does), then hands this rank's context-parallel share
 (load-balanced, per sub-sample for packed rows), scattered for sequence parallelism, to the LLM.
+With a vision TP below TP, the ViT replicas of one TP group each encode a share of the tiles
+(parallel/vision_groups.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from megatron_internvl.models.vision import (
     projector_config,
     vision_transformer_config,
 )
+from megatron_internvl.parallel import vision_groups
 from megatron_internvl.parallel.context_parallel import context_share
 from megatron_internvl.parallel.layout import ParallelLayout
 
@@ -60,6 +63,7 @@ class InternVLModel(MegatronModule):
             self.vision_projection = VisionProjector(
                 projector_cfg, input_size=spec.projector_input_size
             )
+            vision_groups.mark_replicated([self.vision_model, self.vision_projection])
         self.language_model = GPTModel(
             config=language_config,
             transformer_layer_spec=block_spec(
@@ -93,13 +97,17 @@ class InternVLModel(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def image_tokens(self, images_nchw: torch.Tensor) -> torch.Tensor:
-        """Tiles [n, 3, S, S] -> projected image tokens [n * tokens_per_tile, hidden]."""
-        features_ntc = self.vision_model(images_nchw)
+        """Tiles [n, 3, S, S] -> projected image tokens [n * tokens_per_tile, hidden].
+
+        This ViT replica encodes its share of the tiles; the shares are gathered in tile order.
+        """
+        features_ntc = self.vision_model(vision_groups.tile_share(images_nchw))
         grid = int(features_ntc.size(1) ** 0.5)
         shuffled = pixel_shuffle(
             features_ntc.reshape(features_ntc.size(0), grid, grid, -1), self.spec.downsample_ratio
         )
-        return self.vision_projection(shuffled.flatten(0, 2))
+        tokens = self.vision_projection(shuffled.flatten(0, 2))
+        return vision_groups.gather_tiles(tokens, images_nchw.size(0))
 
     def _place_images(
         self,
@@ -170,6 +178,14 @@ class InternVLModel(MegatronModule):
         )
 
 
+VISION_RECOMPUTE = {
+    "recompute_granularity": "full",
+    "recompute_method": "uniform",
+    "recompute_num_layers": 1,
+}
+"""ViT config fields of full recomputation, layer by layer."""
+
+
 def build_internvl_chunks(
     spec: InternVLSpec,
     layout: ParallelLayout,
@@ -179,6 +195,7 @@ def build_internvl_chunks(
     backend: str = "local",
     precision: PrecisionConfig | None = None,
     with_vision: bool = True,
+    vision_recompute: bool = False,
     **language_overrides: Any,
 ) -> list[InternVLModel]:
     """This rank's InternVL chunks.
@@ -186,7 +203,9 @@ def build_internvl_chunks(
     `first_stage_layers` gives pipeline stage 0 fewer LLM layers, since it also runs the ViT;
     `vision_pad_heads_to` is the ViT's head-padding multiple (see vision_transformer_config);
     `backend` is "local" or "te" (Transformer Engine, needed for FP8); `with_vision=False`
-    builds the language model alone (text-only training, LLM benchmarks).
+    builds the language model alone (text-only training, LLM benchmarks);
+    `vision_recompute` recomputes the ViT's layers in the backward pass (one at a time: only
+    each layer's input is kept for the tiles).
     """
     chosen = get_backend(backend)
     precision = precision or PrecisionConfig()
@@ -202,6 +221,7 @@ def build_internvl_chunks(
     language_config = spec.language.transformer_config(layout, **overrides)
     # Settings every sub-model must share (e.g. meta-device builds skip initialization).
     shared = {k: v for k, v in language_overrides.items() if k in ("perform_initialization",)}
+    vision_only = dict(VISION_RECOMPUTE) if vision_recompute else {}
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -215,7 +235,12 @@ def build_internvl_chunks(
                 language_config,
                 (
                     vision_transformer_config(
-                        spec.vision, layout, vision_pad_heads_to, **numerics, **shared
+                        spec.vision,
+                        layout,
+                        vision_pad_heads_to,
+                        **numerics,
+                        **shared,
+                        **vision_only,
                     )
                     if vision
                     else None
@@ -234,6 +259,8 @@ def build_internvl_chunks(
         )
     for chunk in chunks:
         _to_current_device(chunk)
+        if chunk.has_vision:
+            vision_groups.sync_replicas([chunk.vision_model, chunk.vision_projection])
     return chunks
 
 

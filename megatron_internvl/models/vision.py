@@ -7,8 +7,11 @@ forking Megatron's TransformerLayer:
 - the 6B variant's QK-norm is one RMSNorm over all heads (3200 channels), not per head:
   `FullWidthQKNorm` reduces its statistics over the tensor-parallel group and counts only real
   heads;
-- 25 heads do not divide TP=2/4/8: heads are padded to a multiple of TP with dummy heads whose
-  weights are zero, so they produce zero output and receive zero gradients (`zero_dummy_heads`).
+- 25 heads do not divide TP=2/4/8: heads are padded to a multiple of the vision TP size with
+  dummy heads whose weights are zero, so they produce zero output and receive zero gradients
+  (`zero_dummy_heads`).
+The ViT and projector run on the vision tensor-parallel group (`parallel.vision_tensor`, see
+parallel/vision_groups.py), which is the LLM's TP group unless the layout says otherwise.
 The 1025-token sequence (class token + 32x32 patches) is padded for sequence parallelism (and
 FP8 alignment) with the padded keys masked out.
 """
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -33,6 +36,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron_internvl.models.local_layers import LocalNorm
 from megatron_internvl.models.specs import BACKENDS, Backend
 from megatron_internvl.models.vision_config import VisionConfig
+from megatron_internvl.parallel import vision_groups
 from megatron_internvl.parallel.collectives import all_reduce_sum
 from megatron_internvl.parallel.layout import ParallelLayout
 
@@ -48,17 +52,19 @@ def vision_transformer_config(
     pad_heads_to: int | None = None,
     **overrides: Any,
 ) -> TransformerConfig:
-    """Megatron config of the ViT under `layout`: TP/SP only (the ViT is never pipelined or CP).
+    """Megatron config of the ViT under `layout`: vision TP, and SP when the layout has it and
+    the vision TP is above 1 (the ViT is never pipelined or CP).
 
-    Heads are padded to a multiple of `pad_heads_to` (default: the TP size). The padded count
-    is part of the checkpoint's shapes, so runs that reshard a padded ViT across TP sizes should
-    pick a multiple that covers all of them (8 covers TP 1-8: 25 -> 32 heads).
+    Heads are padded to a multiple of `pad_heads_to` (default: the vision TP size). The padded
+    count is part of the checkpoint's shapes, so runs that reshard a padded ViT across TP sizes
+    should pick a multiple that covers all of them (8 covers TP 1-8: 25 -> 32 heads).
     """
-    multiple = pad_heads_to or layout.tensor
-    if multiple % layout.tensor:
+    tp = layout.vision_tensor_size
+    multiple = pad_heads_to or tp
+    if multiple % tp:
         raise ValueError(
             f"vision heads padded to a multiple of {multiple} cannot be split over "
-            f"tensor_parallel={layout.tensor}; use a multiple of {layout.tensor}"
+            f"vision tensor_parallel={tp}; use a multiple of {tp}"
         )
     heads = padded_heads(vision.num_attention_heads, multiple)
     settings: dict[str, Any] = dict(
@@ -76,8 +82,8 @@ def vision_transformer_config(
         activation_func=F.gelu,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        tensor_model_parallel_size=layout.tensor,
-        sequence_parallel=layout.sequence_parallel,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=layout.sequence_parallel and tp > 1,
         pipeline_dtype=torch.float32,
         use_cpu_initialization=True,
     )
@@ -139,13 +145,21 @@ class FullWidthQKNorm(torch.nn.Module):
     def forward(self, x_sbhd: torch.Tensor) -> torch.Tensor:
         flat = x_sbhd.float().flatten(-2)
         sum_sq = flat.pow(2).sum(-1, keepdim=True)
-        sum_sq = all_reduce_sum(sum_sq, parallel_state.get_tensor_model_parallel_group())
+        sum_sq = all_reduce_sum(sum_sq, vision_groups.tensor_group())
         normed = flat * torch.rsqrt(sum_sq / self.real_width + self.eps) * self.weight
         return normed.to(x_sbhd.dtype).view_as(x_sbhd)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
+        metadata = vision_groups.checkpoint_metadata(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            state,
+            prefix,
+            {"weight": 0},
+            sharded_offsets,
+            tp_group=vision_groups.tensor_group(),
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 class InternViTLayer(TransformerLayer):
@@ -228,14 +242,24 @@ class InternViT(MegatronModule):
     ) -> None:
         super().__init__(config=config)
         self.vision = vision
+        self.tp_group = vision_groups.tensor_group()
         self.embeddings = InternViTEmbeddings(vision, config.params_dtype)
         self.encoder = TransformerBlock(
-            config, internvit_layer_spec(vision, backend), pre_process=True, post_process=False
+            config,
+            internvit_layer_spec(vision, backend),
+            pre_process=True,
+            post_process=False,
+            pg_collection=vision_groups.process_groups(),
         )
         # 1025 tokens: pad for SP (divisible by TP) and FP8 GEMMs (multiples of 16).
         tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
         self.seq_pad_multiple = math.lcm(16 if config.fp8 else 1, tp)
         zero_dummy_heads(self, vision.num_attention_heads)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Shards named by the vision-TP rank; every other holder of a shard is a replica."""
+        metadata = vision_groups.checkpoint_metadata(metadata)
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     def forward(self, pixels_nchw: torch.Tensor) -> torch.Tensor:
         tokens_ntc = self.embeddings(pixels_nchw)
@@ -248,11 +272,13 @@ class InternViT(MegatronModule):
         pad_keys[..., length:] = True  # Megatron masks: True = masked out
         hidden_snc = tokens_ntc.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
-            hidden_snc = tensor_parallel.scatter_to_sequence_parallel_region(hidden_snc)
+            hidden_snc = tensor_parallel.scatter_to_sequence_parallel_region(
+                hidden_snc, group=self.tp_group
+            )
         hidden_snc = self.encoder(hidden_snc, attention_mask=pad_keys)
         if self.config.sequence_parallel:
             hidden_snc = tensor_parallel.gather_from_sequence_parallel_region(
-                hidden_snc, tensor_parallel_output_grad=False
+                hidden_snc, tensor_parallel_output_grad=False, group=self.tp_group
             )
         return hidden_snc[1:length].transpose(0, 1)
 
@@ -262,7 +288,7 @@ def zero_dummy_heads(vit: InternViT, real_heads: int) -> None:
     config = vit.config
     tp = config.tensor_model_parallel_size
     local_heads = config.num_attention_heads // tp
-    first = parallel_state.get_tensor_model_parallel_rank() * local_heads
+    first = vision_groups.tensor_group().rank() * local_heads
     dummies = [h for h in range(local_heads) if first + h >= real_heads]
     if not dummies:
         return
@@ -291,18 +317,18 @@ def pixel_shuffle(features_nhwc: torch.Tensor, scale: float = 0.5) -> torch.Tens
 def projector_config(
     language_hidden: int, layout: ParallelLayout, **overrides: Any
 ) -> TransformerConfig:
-    """Megatron config of the projector MLP (4*Cv -> Cl -> Cl, GELU, biases), TP only."""
+    """Megatron config of the projector MLP (4*Cv -> Cl -> Cl, GELU, biases), vision TP only."""
     settings: dict[str, Any] = dict(
         num_layers=1,
         hidden_size=language_hidden,
         ffn_hidden_size=language_hidden,
-        num_attention_heads=layout.tensor,
+        num_attention_heads=layout.vision_tensor_size,
         add_bias_linear=True,
         gated_linear_unit=False,
         activation_func=F.gelu,
         normalization="LayerNorm",
         layernorm_epsilon=1e-5,
-        tensor_model_parallel_size=layout.tensor,
+        tensor_model_parallel_size=layout.vision_tensor_size,
         pipeline_dtype=torch.float32,
         use_cpu_initialization=True,
     )
@@ -315,6 +341,7 @@ class VisionProjector(MegatronModule):
 
     def __init__(self, config: TransformerConfig, input_size: int) -> None:
         super().__init__(config=config)
+        self.tp_group = vision_groups.tensor_group()
         self.norm = LocalNorm(config, input_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(
             config,
@@ -323,7 +350,13 @@ class VisionProjector(MegatronModule):
                 linear_fc2=tensor_parallel.RowParallelLinear,
             ),
             input_size=input_size,
+            tp_group=self.tp_group,
         )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Shards named by the vision-TP rank; every other holder of a shard is a replica."""
+        metadata = vision_groups.checkpoint_metadata(metadata)
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     def forward(self, shuffled_td: torch.Tensor) -> torch.Tensor:
         out, bias = self.mlp(self.norm(shuffled_td))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_internvl.parallel import vision_groups
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -22,6 +24,10 @@ class ParallelLayout:
     """Context-parallel size: each sequence is split across this many ranks (load-balanced)."""
     sequence_parallel: bool = False
     """Shard activations outside attention/MLP along the sequence over the TP group (needs TP>1)."""
+    vision_tensor: int | None = None
+    """Tensor-parallel size of the ViT and projector (divides `tensor`; None: `tensor`). Below
+    `tensor`, each LLM TP group splits a micro-batch's tiles over tensor/vision_tensor ViT
+    replicas (see parallel/vision_groups.py)."""
 
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline", "context"):
@@ -32,11 +38,29 @@ class ParallelLayout:
                 f"parallel layout: virtual_pipeline={self.virtual_pipeline} needs pipeline >= 2 "
                 "and virtual_pipeline >= 2; set virtual_pipeline=None for plain 1F1B"
             )
+        if self.vision_tensor is not None and (
+            self.vision_tensor < 1 or self.tensor % self.vision_tensor
+        ):
+            divisors = [d for d in range(1, self.tensor + 1) if self.tensor % d == 0]
+            raise ValueError(
+                f"parallel layout: vision_tensor={self.vision_tensor} must divide "
+                f"tensor={self.tensor}; use one of {divisors}"
+            )
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(
                 "parallel layout: sequence_parallel=True needs tensor > 1; set "
                 "sequence_parallel=False or raise tensor"
             )
+
+    @property
+    def vision_tensor_size(self) -> int:
+        """The ViT's tensor-parallel size (the LLM's unless `vision_tensor` says otherwise)."""
+        return self.vision_tensor or self.tensor
+
+    @property
+    def vision_replicas(self) -> int:
+        """ViT replicas inside one LLM TP group, each encoding its share of the tiles."""
+        return self.tensor // self.vision_tensor_size
 
     @property
     def model_parallel(self) -> int:
@@ -63,6 +87,7 @@ class ParallelLayout:
             virtual_pipeline_model_parallel_size=self.virtual_pipeline,
             context_parallel_size=self.context,
         )
+        vision_groups.initialize(self.vision_tensor_size)
 
     def __str__(self) -> str:
         parts = [f"tp{self.tensor}", f"pp{self.pipeline}", f"cp{self.context}"]
@@ -70,4 +95,6 @@ class ParallelLayout:
             parts.append(f"vpp{self.virtual_pipeline}")
         if self.sequence_parallel:
             parts.append("sp")
+        if self.vision_tensor_size != self.tensor:
+            parts.append(f"vtp{self.vision_tensor_size}")
         return "-".join(parts)

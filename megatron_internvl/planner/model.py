@@ -9,8 +9,8 @@ Activations (bf16, flash attention so no s^2 term, sequence parallel so everythi
 per token per layer: LLM 8h + 2(q + 2kv) + 2q + 6f (norm inputs, QKV, attention output, SwiGLU
 gate/up/product); with full recomputation only the layer input 2h is kept, plus one layer's full
 working set. ViT 12c + 12w + 4f (w: padded attention width; QK-norm inputs, layer-scale inputs,
-GELU in/out) over tiles x (patches + 1) tokens. The ViT is NOT recomputed by model.recompute today
-(training/loop.py passes it to the LLM's config only): layouts that need it are marked future.
+GELU in/out) over tiles x (patches + 1) tokens. The ViT is recomputed only with
+model.recompute=full+vit ("full" recomputes the LLM's layers only).
 Under 1F1B stage s keeps (pipeline - s) micro-batches in flight. The last stage adds the fp32
 logits of the vocab-parallel loss. NOT yet checked against a GPU: benchmarks/plan_memory_gpu.py.
 
@@ -86,7 +86,7 @@ class Layout:
     first_stage_layers: int | None
     context: int
     recompute: str
-    """"none", "full" (LLM layers, today's model.recompute=full) or "full+vit" (future)."""
+    """"none", "full" (LLM layers: model.recompute=full) or "full+vit" (LLM and ViT layers)."""
     micro_batch: int
 
     @property

@@ -2,10 +2,10 @@
 
 Dimensions: TP (divides heads, KV groups and the padded vocabulary; inside a node), PP with the
 first stage's LLM layer count (stage 0 also runs the ViT), CP (seq divisible by 2 x CP),
-recomputation, micro-batch; SP is on whenever TP > 1 (it only saves memory). Two options do not
-exist in the code yet and are enumerated only as clearly marked future layouts: a vision TP
-smaller than TP (`parallel.vision_tensor`, issue 18 item 1) and recomputing the ViT
-("full+vit": model.recompute does not reach the ViT today).
+recomputation (none, full = the LLM's layers, full+vit = also the ViT's), micro-batch, and the
+ViT's own TP (`parallel.vision_tensor`, a divisor of TP); SP is on whenever TP > 1 (it only
+saves memory). `Plan.future` names what a layout would need that the code lacks (nothing today;
+`--future` in tools/plan.py lists such layouts when there are).
 """
 
 from __future__ import annotations
@@ -26,17 +26,12 @@ class Plan:
     @property
     def future(self) -> list[str]:
         """What the code lacks to run this layout (empty: runnable today)."""
-        needs = []
-        if self.layout.vision_tensor != self.layout.tensor:
-            needs.append("parallel.vision_tensor (issue 18 item 1)")
-        if self.layout.recompute == "full+vit":
-            needs.append("ViT recomputation (model.recompute reaches only the LLM today)")
-        return needs
+        return []
 
     def overrides(self) -> list[str]:
         """The recipe overrides that run this layout."""
         lay = self.layout
-        recompute = {"none": "null", "full": "full", "full+vit": "full"}[lay.recompute]
+        recompute = {"none": "null", "full": "full", "full+vit": "full+vit"}[lay.recompute]
         items = [
             f"parallel.tensor={lay.tensor}",
             f"parallel.pipeline={lay.pipeline}",
@@ -79,12 +74,12 @@ def candidates(spec: InternVLSpec, work: Workload, future: bool) -> list[Layout]
     layers = spec.language.num_layers
     out = []
     for tp in _divisors(64):  # beyond a node's 8 GPUs: refused with the reason
-        for vt in [d for d in _divisors(tp) if future or d == tp]:
+        for vt in _divisors(tp):
             for pp in (1, 2, 4, 8, 16):
                 firsts = [None] if pp == 1 else _first_stage_options(layers, pp)
                 for first in firsts:
                     for cp in (1, 2, 4, 8):
-                        for rc in ("none", "full", "full+vit") if future else ("none", "full"):
+                        for rc in ("none", "full", "full+vit"):
                             for mb in (1, 2):
                                 out.append(Layout(tp, vt, pp, first, cp, rc, mb))
     return out

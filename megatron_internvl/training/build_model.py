@@ -36,10 +36,11 @@ def resolved_spec(cfg: RunConfig) -> InternVLSpec:
 
 
 def recompute_overrides(recompute: str | None) -> dict[str, Any]:
-    """TransformerConfig fields for model.recompute (None, "full" or "selective")."""
+    """The LLM's TransformerConfig fields for model.recompute (None, "selective", "full" or
+    "full+vit"; the ViT's part of "full+vit" is `vision_recompute` of build_internvl_chunks)."""
     if recompute is None:
         return {}
-    if recompute == "full":
+    if recompute in ("full", "full+vit"):
         return {
             "recompute_granularity": "full",
             "recompute_method": "uniform",
@@ -58,6 +59,7 @@ def build_model(cfg: RunConfig, spec: InternVLSpec, layout: ParallelLayout) -> l
         vision_pad_heads_to=cfg.model.vision_pad_heads_to,
         backend=cfg.model.backend,
         precision=PrecisionConfig(cfg.model.dtype, cfg.model.fp8_recipe),
+        vision_recompute=cfg.model.recompute == "full+vit",
         **recompute_overrides(cfg.model.recompute),
     )
     for chunk in chunks:

@@ -17,12 +17,12 @@ from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
-    finalize_model_grads,
 )
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_internvl.parallel import vision_groups
 from megatron_internvl.parallel.context_parallel import context_share
 
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -53,7 +53,8 @@ def wrap_with_ddp(
         )
         for i, chunk in enumerate(chunks)
     ]
-    config.finalize_model_grads_func = finalize_model_grads
+    # Megatron's, after summing the gradients of ViT replicas (parallel.vision_tensor < tensor).
+    config.finalize_model_grads_func = vision_groups.finalize_model_grads
     return wrapped
 
 
