@@ -99,8 +99,9 @@ class SupervisedLogitsGPTModel(GPTModel):
 
     def _postprocess(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         labels, loss_mask = kwargs.get("labels"), kwargs.get("loss_mask")
-        plain = not (
+        plain = self.post_process and not (
             self.mtp_process
+            or self.config.mtp_num_layers is not None
             or kwargs.get("inference_context") is not None
             or self.output_layer.sequence_parallel
             or self.share_embeddings_and_output_weights
