@@ -39,3 +39,21 @@ def test_fused_cpu_adam_takes_megatrons_default_steps(single_rank):
         torch.testing.assert_close(
             param, ref_params[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def test_gradient_clipping_scales_in_place_with_megatrons_products(single_rank):
+    """The CPU platform's in-place clipping scale: bitwise Megatron's fallback (a copy)."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_scale
+
+    assert clip_grads.multi_tensor_scale_impl is not local_multi_tensor_scale
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((300, 7), (5,), (2, 3, 4))]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=gen)
+    expected = [p.grad.clone() for p in params]
+    local_multi_tensor_scale(2048, None, [expected, expected], 0.5 / (2.0 + 1.0e-6))
+    storage = [p.grad.data_ptr() for p in params]
+    clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=0.5, total_norm=2.0)
+    for param, reference, pointer in zip(params, expected, storage, strict=True):
+        assert torch.equal(param.grad, reference) and param.grad.data_ptr() == pointer
