@@ -561,7 +561,11 @@ def profile_step(make: Maker, cuda: bool) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
     if not cuda:
         by_shape = prof.key_averages(group_by_input_shape=True)
-        print(by_shape.table(sort_by=sort, row_limit=12, max_name_column_width=30))
+        print(
+            by_shape.table(
+                sort_by=sort, row_limit=12, max_name_column_width=30, max_shapes_column_width=70
+            )
+        )
     del step
     gc.collect()
     if cuda:
