@@ -25,11 +25,13 @@ STEP_LINE = re.compile(r"^step\s+(\d+) \| loss .*?\| ([\d,]+) tok/s", re.MULTILI
 WAIT_LINE = re.compile(r"^step\s+(\d+) \| ms per step .*?data-wait ([\d.]+)", re.MULTILINE)
 
 
-def run_demo(out: Path, shards: Path, prefetch: int, steps: int, nproc: int) -> dict[str, float]:
+def run_demo(
+    out: Path, shards: Path, prefetch: int, steps: int, nproc: int, repeat: int
+) -> dict[str, float]:
     """Mean seconds per step and data-wait ms per step (steps 3..; a loader fill serves several
     steps, so the mean, not the median, shows its cost), from the console."""
     torchrun = [sys.executable, "-m", "megatron_internvl.launch.local"]  # loopback only
-    name = f"prefetch{prefetch}"
+    name = f"prefetch{prefetch}-run{repeat}"  # a fresh run directory: a run saves at its end
     result = subprocess.run(
         [*torchrun, "--standalone", "--nproc-per-node", str(nproc), "-m", "megatron_internvl.train"]
         + ["recipe=demo_cpu_shards", f"name={name}", f"output_dir={out}", f"data.shards=[{shards}]"]
@@ -69,9 +71,9 @@ def main() -> None:
             capture_output=True,
         )
         results: dict[int, list[dict[str, float]]] = {0: [], 2: []}
-        for _ in range(args.repeats):
-            for prefetch in results:
-                results[prefetch].append(run_demo(out, shards, prefetch, args.steps, args.nproc))
+        for repeat in range(args.repeats):
+            for prefetch, runs in results.items():
+                runs.append(run_demo(out, shards, prefetch, args.steps, args.nproc, repeat))
     print_results(results, args)
 
 
