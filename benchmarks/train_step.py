@@ -20,10 +20,17 @@ so both do the same attention work. Stage 2 (everything trains).
 - ours: bf16 parameters with fp32 main gradients and fp32 Adam master weights (Megatron's mixed
   precision); FP8 rows run the GEMMs of TE layers in FP8 with the named scaling recipe.
 - transformers: fp32 parameters under `torch.autocast(bfloat16)` (what Trainer's bf16=True does),
-  SDPA attention, fused AdamW; gradient checkpointing when `--recompute` is not none.
+  SDPA attention, fused AdamW (Trainer's default); gradient checkpointing when `--recompute`
+  is not none; logits and cross-entropy over every token (labels -100 where we mask).
+- ours, as training runs it: the output layer and cross-entropy only on tokens that carry loss
+  (models/language.py's SupervisedLogitsGPTModel: same loss and gradients), Adam on torch's
+  fused kernel when on the CPU (training/build_optimizer.py).
 
 `--rounds` repeats the measurement with the models interleaved (each round builds and times
-every model in turn), for machines shared with other jobs.
+every model in turn), for machines shared with other jobs: judge by the ratios. On a CPU,
+each round also splits the step into forward (to the loss), backward (with gradient
+finalization) and optimizer (zeroing, clipping, Adam), printed per model under the table;
+`--profile` prints one step's top ops of each model, also by input shape with FLOPs.
 
 Columns: step time (mean of timed steps; the median over rounds, and the best round),
 tokens/s, model TFLOP/s per GPU (training/flops.py: matmuls only, recomputation not counted),
@@ -118,15 +125,38 @@ def make_rows(work: Workload, device: torch.device, seed: int = 0) -> list[dict[
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in r.items()} for r in rows]
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+class Phases(dict):
+    """Wall-clock seconds per phase of the steps a model ran (CPU only: on a GPU the host runs
+    ahead of the kernels, and syncing to split the phases would slow the step it measures)."""
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def add(self, phase: str, began: float, ended: float | None = None) -> float:
+        """Adds `ended` (default: now) - `began` to `phase`; returns `ended`."""
+        ended = time.perf_counter() if ended is None else ended
+        if self.enabled:
+            self[phase] = self.get(phase, 0.0) + ended - began
+        return ended
+
+
 class Timer:
     """Device-side step timing on a GPU (CUDA events), wall clock on a CPU."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
 
-    def __call__(self, step: Callable[[], None], warmup: int, steps: int) -> float:
+    def __call__(
+        self, step: Callable[[], None], phases: Phases, warmup: int, steps: int
+    ) -> tuple[float, dict[str, float]]:
+        """(seconds per step, seconds per step of each phase) over the timed steps."""
         for _ in range(warmup):
             step()
+        phases.clear()
         if self.cuda:
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -135,24 +165,35 @@ class Timer:
                 step()
             end.record()
             torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000 / steps
+            return start.elapsed_time(end) / 1000 / steps, {}
         began = time.perf_counter()
         for _ in range(steps):
             step()
-        return (time.perf_counter() - began) / steps
+        return (time.perf_counter() - began) / steps, {k: v / steps for k, v in phases.items()}
+
+
+Maker = Callable[[Phases], tuple[Callable[[], None], int]]
 
 
 def ours_step(
-    work: Workload, precision: PrecisionConfig, backend: str, recompute: str, rows: list
+    work: Workload,
+    precision: PrecisionConfig,
+    backend: str,
+    recompute: str,
+    rows: list,
+    phases: Phases,
 ) -> tuple[Callable[[], None], int]:
-    """(one optimizer step, parameter count) for our model on this process's one-rank world.
-    The count leaves out the vocabulary padding's rows (masked, see LanguageConfig), so it is
-    comparable with transformers'."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    """(one optimizer step, parameter count) for our model on this process's one-rank world,
+    built as training builds it (training/build_optimizer.py's optimizer). The count leaves
+    out the vocabulary padding's rows (masked, see LanguageConfig), so it is comparable with
+    transformers'. Phases: forward (up to the loss), backward (with Megatron's gradient
+    finalization), optimizer (zeroing, clipping, Adam)."""
+    from megatron.core.optimizer import OptimizerConfig
 
     from megatron_internvl.models.internvl import build_internvl_chunks
     from megatron_internvl.parallel import runtime
     from megatron_internvl.parallel.layout import ParallelLayout
+    from megatron_internvl.training.build_optimizer import megatron_optimizer
     from megatron_internvl.training.loop import recompute_overrides
     from megatron_internvl.training.step import (
         forward_backward,
@@ -173,7 +214,7 @@ def ours_step(
         runtime.adapt_model_config(chunk.config)
     model = wrap_with_ddp(chunks, chunks[0].config)
     bf16 = precision.dtype == "bfloat16"
-    optimizer = get_megatron_optimizer(
+    optimizer = megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
             lr=1e-5,
@@ -184,17 +225,38 @@ def ours_step(
         model,
     )
 
+    forward = Phases(enabled=True)  # this step's forward time, up to each loss
+
+    def timed_forward(data: Any, chunk: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        began = time.perf_counter()
+        output, loss_func = internvl_forward_step(data, chunk)
+
+        def loss_then_stamp(output_tensor: torch.Tensor) -> Any:
+            result = loss_func(output_tensor)  # the schedule runs backward right after this
+            forward.add("forward", began)
+            return result
+
+        return output, loss_then_stamp
+
     def step() -> None:
+        began = time.perf_counter()
         optimizer.zero_grad()
+        began = phases.add("optimizer", began)
+        forward.clear()
         forward_backward(
-            internvl_forward_step,
+            timed_forward,
             iter(rows),
             model,
             num_microbatches=len(rows),
             seq_length=work.seq_length,
             micro_batch_size=1,
         )
+        ended = time.perf_counter()
+        phases.add("forward", 0.0, forward["forward"])
+        phases.add("backward", began + forward["forward"], ended)
+        began = time.perf_counter()
         optimizer.step()
+        phases.add("optimizer", began)
 
     lang = work.spec.language
     padding = 2 * (lang.padded_vocab_size - lang.vocab_size) * lang.hidden_size  # embed + output
@@ -202,9 +264,15 @@ def ours_step(
 
 
 def baseline_step(
-    work: Workload, precision: PrecisionConfig, recompute: str, rows: list, device: torch.device
+    work: Workload,
+    precision: PrecisionConfig,
+    recompute: str,
+    rows: list,
+    device: torch.device,
+    phases: Phases,
 ) -> tuple[Callable[[], None], int]:
-    """(one optimizer step, parameter count) for transformers' model of the same size."""
+    """(one optimizer step, parameter count) for transformers' model of the same size: what
+    its Trainer does (fused AdamW, gradient clipping), phases as ours."""
     import transformers
 
     from megatron_internvl.checkpoint.hf_config import native_config
@@ -220,7 +288,8 @@ def baseline_step(
     model.train()
     if recompute != "none":
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    # Trainer's default optimizer since torch 2.8 is "adamw_torch_fused", on any device.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     autocast = precision.dtype == "bfloat16"
     batches = []
     for row in rows:
@@ -239,13 +308,18 @@ def baseline_step(
         batches.append(batch)
 
     def step() -> None:
+        began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
+        began = phases.add("optimizer", began)
         for batch in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(**batch).loss
+            began = phases.add("forward", began)
             (loss / len(batches)).backward()
+            began = phases.add("backward", began)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        phases.add("optimizer", began)
 
     return step, sum(p.numel() for p in model.parameters())
 
@@ -263,31 +337,43 @@ def gpu_peak_tflops(override: float | None) -> tuple[float | None, str]:
 
 
 def time_one(
-    make: Callable[[], tuple[Callable[[], None], int]], timer: Timer, args: argparse.Namespace
-) -> tuple[float, int, float | None]:
-    """(seconds per step, parameter count, peak GiB) of a freshly built model; frees it after."""
+    make: Maker, timer: Timer, args: argparse.Namespace
+) -> tuple[float, int, float | None, dict[str, float]]:
+    """(seconds per step, parameter count, peak GiB, seconds per step of each phase) of a
+    freshly built model; frees it after."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step, params = make()
-    seconds = timer(step, args.warmup, args.steps)
+    phases = Phases(enabled=not cuda)
+    step, params = make(phases)
+    seconds, phase_seconds = timer(step, phases, args.warmup, args.steps)
     memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del step  # frees the model and optimizer it holds before the next one is built
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return seconds, params, memory
+    return seconds, params, memory, phase_seconds
 
 
 def summarize(
-    times: list[float], params: int, memory: float | None, work: Workload, peak: float | None
+    times: list[float],
+    phases: list[dict[str, float]],
+    params: int,
+    memory: float | None,
+    work: Workload,
+    peak: float | None,
 ) -> dict[str, Any]:
-    """One table row from a model's per-round step times: the median, and the best."""
+    """One table row from a model's per-round step times: the median, and the best; the
+    median of each phase's per-round time."""
     seconds = statistics.median(times)
     tflops = work.flops_per_step() / seconds / 1e12
     return {
         "step_s": seconds,
         "best_s": min(times),
+        "rounds_s": times,
+        "phases_s": {
+            name: statistics.median(p[name] for p in phases) for name in PHASES if name in phases[0]
+        },
         "tokens_s": work.tokens_per_step() / seconds,
         "tflops": tflops,
         "mfu": tflops / peak if peak else None,
@@ -309,7 +395,7 @@ def baseline_kind(precision: str) -> str:
 
 
 def interleaved_rounds(
-    makers: dict[tuple[str, str], Callable[[], tuple[Callable[[], None], int]]],
+    makers: dict[tuple[str, str], Maker],
     timer: Timer,
     args: argparse.Namespace,
     work: Workload,
@@ -318,15 +404,22 @@ def interleaved_rounds(
     """Each round builds and times every model in turn, so that load from other jobs on a
     shared machine hits them alike; a row per model with the median and best of its rounds."""
     times: dict[tuple[str, str], list[float]] = {key: [] for key in makers}
+    phases: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in makers}
     sizes: dict[tuple[str, str], tuple[int, float | None]] = {}
     for round_ in range(args.rounds):
         for key, make in makers.items():
-            seconds, params, memory = time_one(make, timer, args)
+            seconds, params, memory, phase_seconds = time_one(make, timer, args)
             times[key].append(seconds)
-            print(f"round {round_ + 1}/{args.rounds}: {key[0]} {key[1]} {seconds:.4f} s")
+            phases[key].append(phase_seconds)
+            split = " ".join(f"{k} {v:.2f}" for k, v in phase_seconds.items())
+            print(f"round {round_ + 1}/{args.rounds}: {key[0]} {key[1]} {seconds:.4f} s {split}")
             sizes[key] = (params, memory)
     return [
-        {"model": model, "precision": precision, **summarize(times[key], *sizes[key], work, peak)}
+        {
+            "model": model,
+            "precision": precision,
+            **summarize(times[key], phases[key], *sizes[key], work, peak),
+        }
         for key in makers
         for model, precision in [key]
     ]
@@ -347,8 +440,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--backend", choices=("te", "local"), default="te")
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--warmup", type=int, help="untimed steps per model and round (default: GPU 3, CPU 1)"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per model and round (default: GPU 10, CPU 2)"
+    )
     parser.add_argument(
         "--rounds", type=int, default=1, help="interleaved rounds; median and best reported"
     )
@@ -361,6 +458,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--json", type=Path, help="also write the results here (gpu_report.py)")
     args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.steps = args.steps if args.steps is not None else (10 if cuda else 2)
 
     precisions = args.precision.split(",")
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -386,7 +486,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     from megatron_internvl.parallel import runtime
 
-    cuda = torch.cuda.is_available()
     timer = Timer(cuda)
     peak, peak_text = gpu_peak_tflops(args.peak_tflops)
     with runtime.single_process():
@@ -443,22 +542,30 @@ def write_json(
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def profile_step(make: Callable[[], tuple[Callable[[], None], int]], cuda: bool) -> None:
-    """Where one step's time goes: the 15 most expensive CUDA kernels, or CPU ops by self time."""
+def profile_step(make: Maker, cuda: bool) -> None:
+    """Where one step's time goes: the 15 most expensive CUDA kernels, or CPU ops by self time
+    (then by input shape, with their FLOPs: which GEMMs dominate)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step, _ = make()
+    step, _ = make(Phases(enabled=False))
     step()
     activity, sort = (ProfilerActivity.CUDA, "cuda_time_total") if cuda else (
         ProfilerActivity.CPU, "self_cpu_time_total"
     )  # fmt: skip
     if cuda:
         torch.cuda.synchronize()
-    with profile(activities=[activity]) as prof:
+    with profile(activities=[activity], record_shapes=not cuda, with_flops=not cuda) as prof:
         step()
         if cuda:
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    if not cuda:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(
+            by_shape.table(
+                sort_by=sort, row_limit=12, max_name_column_width=30, max_shapes_column_width=70
+            )
+        )
     del step
     gc.collect()
     if cuda:
@@ -484,7 +591,10 @@ def print_table(
         f"{shape} | recompute={args.recompute} | "
         f"{work.flops_per_step() / 1e12:.2f} model TFLOP/step | peak {peak_text}"
     )
-    print(f"{args.rounds} round(s), models interleaved; step s = median of rounds, best = fastest")
+    print(
+        f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps, models "
+        "interleaved; step s = median of rounds, best = fastest"
+    )
     header = (
         f"{'model':<22}{'precision':<16}{'params M':>10}{'step s':>9}{'best s':>9}{'tokens/s':>11}"
         f"{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'ours/baseline':>15}{'best/best':>11}"
@@ -500,6 +610,18 @@ def print_table(
             f"{r['best_s']:>9.4f}{r['tokens_s']:>11.0f}{r['tflops']:>9.3f}{mfu:>7}"
             f"{fmt(r['memory_gib'], '.1f'):>9}{ratio:>15}{best:>11}"
         )
+    print_phases(results)
+
+
+def print_phases(results: list[dict[str, Any]]) -> None:
+    """Seconds per step in forward, backward and optimizer (median of rounds; CPU only)."""
+    rows = [r for r in results if r["phases_s"]]
+    if not rows:
+        return
+    print(f"\nper phase, s/step (median of rounds){'':<8}" + "".join(f"{p:>11}" for p in PHASES))
+    for r in rows:
+        name = f"{r['model']} {r['precision']}"
+        print(f"{name:<45}" + "".join(f"{r['phases_s'].get(p, 0.0):>11.3f}" for p in PHASES))
 
 
 if __name__ == "__main__":

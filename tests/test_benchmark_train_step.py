@@ -27,6 +27,12 @@ def test_internvl_step_against_transformers(flavour, capsys):
     assert ours["vs_baseline"] == pytest.approx(theirs["step_s"] / ours["step_s"])
     table = capsys.readouterr().out
     assert "ours/baseline" in table and f"{ours['vs_baseline']:.2f}x" in table
+    # On a CPU each model's step splits into phases that cover it (one round: no medians mix).
+    for row in (ours, theirs):
+        assert list(row["phases_s"]) == ["forward", "backward", "optimizer"]
+        assert all(seconds > 0 for seconds in row["phases_s"].values())
+        assert sum(row["phases_s"].values()) == pytest.approx(row["step_s"], rel=0.05)
+        assert f"{row['phases_s']['backward']:.3f}" in table.split("per phase")[1]
 
 
 def test_llm_part_counts_only_the_language_model_over_interleaved_rounds():

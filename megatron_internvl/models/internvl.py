@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_internvl.config.precision import PrecisionConfig
+from megatron_internvl.models.language import SupervisedLogitsGPTModel
 from megatron_internvl.models.registry import InternVLSpec
 from megatron_internvl.models.specs import BACKENDS, Backend, block_spec, get_backend
 from megatron_internvl.models.vision import (
@@ -64,7 +64,7 @@ class InternVLModel(MegatronModule):
                 projector_cfg, input_size=spec.projector_input_size
             )
             vision_groups.mark_replicated([self.vision_model, self.vision_projection])
-        self.language_model = GPTModel(
+        self.language_model = SupervisedLogitsGPTModel(
             config=language_config,
             transformer_layer_spec=block_spec(
                 language_config, backend.layer(), vp_stage, backend.final_norm()
@@ -150,8 +150,10 @@ class InternVLModel(MegatronModule):
         labels: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         sample_keys: list[str] | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Full rows in ([b, s] ids, positions and labels); per-token loss of this CP share out."""
+        """Full rows in ([b, s] ids, positions, labels and loss mask); per-token loss of this CP
+        share out (with a loss mask, computed only where it is nonzero: 0 elsewhere)."""
         share = context_share(
             input_ids.size(1),
             parallel_state.get_context_parallel_world_size(),
@@ -175,6 +177,7 @@ class InternVLModel(MegatronModule):
             decoder_input=decoder_input,
             labels=None if labels is None else local(labels, 1),
             packed_seq_params=packed_seq_params,
+            loss_mask=None if loss_mask is None else local(loss_mask, 1),
         )
 
 

@@ -28,6 +28,10 @@ What each piece resolves, and why it is needed:
    floating tensors under those names so the same branches run.
 6. **Pipeline p2p on gloo.** `batch_p2p_comm=True` (batched isend/irecv) gives silently wrong
    activations on gloo with interleaved pipelining; `adapt_model_config` turns it off.
+7. **Gradient clipping's scale.** Without TE or Apex, Megatron scales clipped gradients with
+   `dst.copy_(src * scale)` per tensor: a temporary the size of every gradient, seconds per
+   step for a few hundred million parameters on a small CPU. Scaling in place gives the same
+   products without them (`_scale_in_place`).
 
 Two more CPU obstacles are not patches but layers of the local spec, because they are real
 features the local backend lacks on any device (see `megatron_internvl.models.local_layers`):
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -148,13 +153,34 @@ def _patch(owner: Any, name: str, value: Any) -> None:
     setattr(owner, name, value)
 
 
-def _megatron_patches() -> list[tuple[Any, str, Callable[..., Any]]]:
-    from megatron.core.tensor_parallel import random as mcore_random
+def _scale_in_place(
+    chunk_size: int, noop_flag: Any, tensor_lists: list[list[torch.Tensor]], scale: float
+) -> None:
+    """Megatron's fallback `multi_tensor_scale` where it scales tensors in place (gradient
+    clipping: sources are the targets): `mul_` per tensor, bitwise the same products."""
+    from megatron.core.utils import local_multi_tensor_scale
 
-    return [
+    sources, targets = tensor_lists
+    aliased = len(sources) == len(targets) and all(map(operator.is_, sources, targets))
+    if not aliased:
+        local_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale)
+        return
+    for grad in targets:
+        grad.mul_(scale)
+
+
+def _megatron_patches() -> list[tuple[Any, str, Callable[..., Any]]]:
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.utils import local_multi_tensor_scale
+
+    patches = [
         (mcore_random, "_get_cuda_rng_state", _get_cpu_rng_state),
         (mcore_random, "_set_cuda_rng_state", _set_cpu_rng_state),
     ]
+    if clip_grads.multi_tensor_scale_impl is local_multi_tensor_scale:  # no TE or Apex
+        patches.append((clip_grads, "multi_tensor_scale_impl", _scale_in_place))
+    return patches
 
 
 def is_active() -> bool:

@@ -15,7 +15,7 @@ def build_optimizer(cfg: RunConfig, model: list[torch.nn.Module]) -> Any:
     """AdamW over the trainable parameters, with gradient clipping."""
     t = cfg.train
     bf16 = cfg.model.dtype == "bfloat16"
-    return get_megatron_optimizer(
+    return megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
             lr=t.lr,
@@ -31,6 +31,27 @@ def build_optimizer(cfg: RunConfig, model: list[torch.nn.Module]) -> Any:
         ),
         model,
     )
+
+
+def megatron_optimizer(config: OptimizerConfig, model: list[torch.nn.Module]) -> Any:
+    """Megatron's optimizer for `config`, its torch Adam over CPU parameters on the fused kernel.
+
+    Without Transformer Engine or Apex, Megatron steps torch's Adam(W) with torch's default,
+    which on CPU tensors is the per-tensor loop: about six elementwise passes with temporaries
+    over every parameter, seconds per step for a few hundred million parameters on a small CPU.
+    The fused CPU kernel updates each parameter in one pass: the same update up to fp32
+    rounding (tests/test_build_optimizer.py). GPU parameters keep Megatron's choice.
+    """
+    optimizer = get_megatron_optimizer(config, model)
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_adam = getattr(inner, "optimizer", None)
+        if not isinstance(torch_adam, torch.optim.Adam):  # torch's AdamW is an Adam too
+            continue
+        for group in torch_adam.param_groups:
+            on_cpu = all(p.device.type == "cpu" for p in group["params"])
+            if on_cpu and not group["differentiable"]:
+                group["fused"], group["foreach"] = True, False
+    return optimizer
 
 
 def build_scheduler(cfg: RunConfig, optimizer: Any) -> OptimizerParamScheduler:

@@ -168,8 +168,12 @@ def language_model_forward_step(
         parallel_state.get_context_parallel_rank(),
     )
     batch = {k: share.local(v, 1) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, bind_loss(batch["loss_mask"])
+    # The model's output layer runs only on tokens with loss (SupervisedLogitsGPTModel).
+    loss_mask = batch["loss_mask"]
+    output = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=loss_mask
+    )
+    return output, bind_loss(loss_mask)
 
 
 def internvl_forward_step(
@@ -192,6 +196,7 @@ def internvl_forward_step(
         labels=batch["labels"],
         packed_seq_params=packed,
         sample_keys=batch.get("sample_keys"),
+        loss_mask=batch["loss_mask"],  # the output layer runs only where it is nonzero
     )
     share = context_share(
         batch["loss_mask"].size(1),
