@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 import skimage.data
+import torch
 import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
@@ -23,7 +24,7 @@ from megatron_internvl.data.samples import SampleConfig, read_sample
 from megatron_internvl.data.shard_index import ensure_index, read_index
 from megatron_internvl.data.shard_reader import ShardReader
 from megatron_internvl.data.shard_validation import validate_shards
-from megatron_internvl.data.tiler import TilerConfig
+from megatron_internvl.data.tiler import ImageJob, ImageTiler, TilerConfig
 from megatron_internvl.data.video import choose_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,38 @@ def test_frames_come_one_per_equal_segment_in_the_drawn_count(vlen):
         assert len(counts) > 5  # the count is drawn, not fixed
 
 
+FRAME_SHAPES = [(240, 320), (600, 40), (60, 900), (6, 8), (720, 1280)]
+"""(height, width) of decoded frames: camera-like (upscaled), tall and narrow (width up, height
+down: the class where the resize pass order matters), a panorama, tiny, HD (downscaled)."""
+
+
+def png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decoded_frames_tile_as_their_lossless_encodings_and_as_internvl_does():
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in FRAME_SHAPES]
+    for jpeg_quality in (None, (75, 100)):
+        tiler = ImageTiler(TilerConfig(jpeg_quality=jpeg_quality, batch_size=4))
+        qualities = [int(q) for q in rng.integers(75, 101, len(frames))]
+        direct = tiler.tile([ImageJob(f, 1, q) for f, q in zip(frames, qualities, strict=True)])
+        # The frames as an image decoder sees them (what the loader fed before: PNG members).
+        encoded = tiler.tile(
+            [ImageJob(png(f), 1, q) for f, q in zip(frames, qualities, strict=True)]
+        )
+        for ours, via_png in zip(direct, encoded, strict=True):
+            assert ours.shape == (1, 448, 448, 3) and torch.equal(ours, via_png)
+    # InternVL: dynamic_preprocess(max_num=1) is one resize of the frame to 448 x 448 (PIL's
+    # bicubic), no thumbnail; without re-compression the tile is that resize.
+    plain = ImageTiler(TilerConfig(batch_size=4)).tile([ImageJob(f, 1) for f in frames])
+    for frame, tiles in zip(frames, plain, strict=True):
+        pil = np.asarray(Image.fromarray(frame).resize((448, 448), Image.Resampling.BICUBIC))
+        assert np.abs(tiles[0].numpy().astype(int) - pil.astype(int)).max() <= 2
+
+
 @pytest.fixture(scope="module")
 def video_shard(tmp_path_factory):
     frames = pan_frames()
@@ -112,8 +145,8 @@ def test_video_and_frame_samples_parse_into_frame_prompts(video_shard):
     assert sample.layout == "video" and len(sample.images) == len(picks)
     with av.open(io.BytesIO(clip)) as container:  # FFmpeg's frames, through PyAV's image API
         decoded = [np.asarray(f.to_image()) for f in container.decode(video=0)]
-    for data, index in zip(sample.images, picks, strict=True):
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), decoded[index])
+    for frame, index in zip(sample.images, picks, strict=True):  # decoded frames, not re-encoded
+        assert frame.dtype == np.uint8 and np.array_equal(frame, decoded[index])
     lines = "\n".join(f"Frame-{i + 1}: <image>" for i in range(len(picks)))
     assert sample.conversations[0]["value"] == f"{lines}\nWhat moves?"
     stills_sample = read_sample(ShardReader(), entries["stills"], cfg)

@@ -117,13 +117,14 @@ def sample_config(data: Any) -> SampleConfig:
 
 @dataclass
 class ParsedSample:
-    """A usable sample: its conversation (placeholders in place) and encoded images in order."""
+    """A usable sample: its conversation (placeholders in place) and its images in order."""
 
     name: str
     layout: str
     """"conversation", "caption", "text" or "video" (its images are frames: one tile each)."""
     conversations: list[dict[str, str]]
-    images: list[bytes]
+    images: list[bytes | np.ndarray]
+    """Encoded images (members), or a video file's decoded frames (uint8 [H, W, 3] RGB)."""
     image_sizes: list[tuple[int, int]]
     meta: dict[str, Any]
 
@@ -183,12 +184,15 @@ def _parse_video(
         images = [read(frames[i], cfg.max_member_bytes) for i in picks]
     else:
         assert video is not None
-        images = decode_video(
+        decoded = decode_video(
             read(video, cfg.max_member_bytes),
             name,
             lambda vlen: choose_frames(key, vlen, cfg.video_frames),
-            cfg.max_image_pixels,
-            cfg.max_video_frames,
+            cfg,
+        )
+        sizes = [(frame.shape[1], frame.shape[0]) for frame in decoded]
+        return ParsedSample(
+            name, "video", frame_prompt(conversation, len(decoded)), list(decoded), sizes, meta
         )
     sizes = [image_header_size(data, name, f"frame {i}") for i, data in enumerate(images)]
     _check_pixels(name, sizes, cfg)
@@ -430,5 +434,6 @@ def check_tar_sample(name: str, members: dict[str, bytes], cfg: SampleConfig) ->
 
     sample = parse_sample(name, members, read, cfg)
     for i, data in enumerate(sample.images):
-        decode_image(data, name, f"image {i}")
+        if isinstance(data, bytes):  # a video file's frames are decoded already
+            decode_image(data, name, f"image {i}")
     return sample

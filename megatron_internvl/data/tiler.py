@@ -25,6 +25,9 @@ sample. So here Python reads the encoded bytes (cheap: a seek and a read per mem
   them, measured), and one DALI re-compression run per batch cost a thread barrier (~10%
   throughput, measured). Two decode pipelines take turns, so DALI decodes the next batch while
   the threads work. Only the thumbnails that are kept are computed.
+- already decoded images (a video file's frames, uint8 arrays from PyAV) skip DALI: one host
+  thread task each (resize, cut, re-compression), also with a GPU (then the tiles move to it).
+  Re-encoding them for DALI (PNG) cost more than the rest of their path (measured).
 - on a DALI decode failure the pipeline is dead: it is rebuilt, and the batch's images are
   retried one at a time, so only the image(s) that fail are reported.
 """
@@ -75,9 +78,10 @@ class TilerConfig:
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One image to tile: encoded bytes, its tile cap and (if re-compressing) its JPEG quality."""
+    """One image to tile: encoded bytes (decoded by DALI) or an already decoded uint8
+    [H, W, 3] RGB array (a video frame), its tile cap and (if re-compressing) its JPEG quality."""
 
-    data: bytes
+    data: bytes | np.ndarray
     max_num: int
     quality: int = 100
 
@@ -150,19 +154,23 @@ class ImageTiler:
         self.device = torch.device("cpu" if cfg.device_id is None else f"cuda:{cfg.device_id}")
         self.resize_in_dali = _resize_in_dali(cfg)
         self.rebuilds = 0
-        self._pool: ThreadPoolExecutor | None = None
         # Host resizing: two pipelines take turns, so DALI decodes batch k+1 while the host
         # threads work on batch k (whose zero-copy outputs stay valid until its pipeline reruns).
         count = 1 if self.resize_in_dali else 2
         self.pipes = [build_tiler_pipeline(cfg) for _ in range(count)]
         self._inflight: list[list[Future]] = [[] for _ in range(count)]
         self._local = threading.local()  # per host thread: its re-compression pipeline
-        if not self.resize_in_dali:
-            self._pool = ThreadPoolExecutor(cfg.num_threads, thread_name_prefix="tiler")
+        # Host threads: every resize on the CPU, and decoded frames with a GPU too.
+        self._pool = ThreadPoolExecutor(cfg.num_threads, thread_name_prefix="tiler")
 
-    def grid(self, data: bytes, max_num: int) -> Grid:
-        """The InternVL grid of one encoded image under a tile cap."""
-        width, height = header_size(data)
+    def grid(self, data: bytes | np.ndarray, max_num: int) -> Grid:
+        """The InternVL grid of one image (encoded: from its header) under a tile cap."""
+        if isinstance(data, np.ndarray):
+            if data.ndim != 3 or data.shape[2] != 3 or data.dtype != np.uint8:
+                raise ValueError(f"a decoded image must be uint8 [H, W, 3], not {data.shape}")
+            height, width = data.shape[:2]
+        else:
+            width, height = header_size(data)
         return choose_grid(width, height, self.cfg.min_num, max_num, self.cfg.image_size)
 
     def tile(self, jobs: Sequence[ImageJob]) -> list[torch.Tensor | ImageDecodeError]:
@@ -182,8 +190,15 @@ class ImageTiler:
                 grids.append(self.grid(job.data, job.max_num))
             except Exception as error:  # PIL raises many types for bad headers
                 grids.append(ImageDecodeError(offset + i, f"unreadable image header: {error}"))
-        good = [i for i, g in enumerate(grids) if not isinstance(g, ImageDecodeError)]
         results: list = list(grids)
+        good = []
+        for i, grid in enumerate(grids):
+            if isinstance(grid, ImageDecodeError):
+                continue
+            if isinstance(jobs[i].data, np.ndarray):  # decoded: straight to a host thread
+                results[i] = self._submit(jobs[i].data, grid, jobs[i].quality)
+            else:
+                good.append(i)
         if not good:
             return results
         try:
@@ -259,25 +274,26 @@ class ImageTiler:
             out.append(cut_tiles(as_torch(grid_hwc[i], self.device), thumb, grid, size))
         return out
 
+    def _tile_on_host(self, image_hwc: np.ndarray, grid: Grid, quality: int) -> torch.Tensor:
+        """tiles_u8 of a decoded image: resizes, tile cut and re-compression on this thread."""
+        tiles_u8 = tile_image(
+            torch.from_numpy(image_hwc), grid, self.cfg.image_size, self._thumb(grid)
+        )
+        if self.cfg.jpeg_quality is not None:
+            self._distort_tiles(tiles_u8.numpy(), quality)
+        return tiles_u8 if self.device.type == "cpu" else tiles_u8.to(self.device)
+
+    def _submit(self, image_hwc: np.ndarray, grid: Grid, quality: int) -> Future:
+        return self._pool.submit(self._tile_on_host, image_hwc, grid, quality)
+
     def _resize_on_host(
         self, decoded, jobs: Sequence[ImageJob], grids: Sequence[Grid]
     ) -> list[Future]:
-        size = self.cfg.image_size
-        jpeg = self.cfg.jpeg_quality is not None
-
-        def task(i: int) -> torch.Tensor:
-            # A zero-copy view of DALI's output: used before the pipeline runs again.
-            image = torch.from_numpy(np.asarray(decoded[i]))
-            tiles_u8 = tile_image(image, grids[i], size, self._thumb(grids[i]))
-            if jpeg:
-                self._distort_tiles(tiles_u8.numpy(), jobs[i].quality)
-            return tiles_u8
-
         # One task per image, largest grids first: the threads then finish together (the last
-        # task is a short one).
+        # task is a short one). The arrays are zero-copy views of DALI's outputs: used before
+        # the pipeline runs again (`_inflight`).
         order = sorted(range(len(grids)), key=lambda i: -grids[i][0] * grids[i][1])
-        assert self._pool is not None
         futures: list = [None] * len(grids)
         for i in order:
-            futures[i] = self._pool.submit(task, i)
+            futures[i] = self._submit(np.asarray(decoded[i]), grids[i], jobs[i].quality)
         return futures
