@@ -194,3 +194,50 @@ def test_the_demo_clip_trains_as_frames_from_the_demo_shards(tmp_path):
     rows = loader.ready + loader.packer.flush()
     (clip,) = [p for row in rows for p in row.payloads if p.name.endswith(":000000030")]
     assert 4 <= len(clip.tiles) <= 8 and all(t.shape == (1, 56, 56, 3) for t in clip.tiles)
+
+
+def _demo_run_config(shards, video_frames):
+    from megatron_internvl.config.cli import compose_run_config
+
+    return compose_run_config(
+        ["recipe=demo_cpu_shards", f"data.shards=[{','.join(map(str, shards))}]",
+         f"data.video_frames={video_frames}", f"data.tokenizer={ROOT / 'demo' / 'tokenizer'}"]
+    )  # fmt: skip
+
+
+def test_each_dataset_samples_the_demo_clip_in_its_own_frame_range(tmp_path):
+    import shutil
+
+    from megatron_internvl.config.cli import check_runnable
+    from megatron_internvl.config.validate import RecipeError
+    from megatron_internvl.training.build_data import data_source, fit_spec_to_tokenizer
+    from megatron_internvl.training.build_model import resolved_spec
+    from tools.build_shards import main as build_main
+
+    sets = [tmp_path / "short", tmp_path / "long"]
+    assert build_main(["--demo", "--out", str(sets[0]), "--no-progress"]) == 0
+    shutil.copytree(sets[0], sets[1])
+    with av.open(ROOT / "demo" / "data" / "videos" / "astronaut_pan.mp4") as container:
+        vlen = sum(1 for _ in container.decode(video=0))  # FFmpeg's count of the clip's frames
+    for wrong in ("[[2,3]]", "[[2,3],[7,6]]", "[2,3,4]"):  # one line naming the field
+        with pytest.raises(RecipeError, match=r"data\.video_frames=.*one such pair per entry"):
+            check_runnable(_demo_run_config(sets, wrong))
+    cfg = _demo_run_config(sets, "[[2,3],[6,7]]")
+    check_runnable(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
+    source = data_source(cfg, spec, dp_rank=0, dp_size=1, tokenizer=tokenizer)
+    clips: dict[str, int] = {}
+    try:
+        for _ in range(200):
+            (batch,) = source.next_microbatches(1)
+            for key, tiles in zip(batch["sample_keys"], batch["tile_counts"], strict=True):
+                if key.endswith(":000000030"):  # the clip: one tile per frame
+                    clips[Path(key.split(":")[0]).parent.name] = tiles
+            if len(clips) == 2:
+                break
+    finally:
+        source.close()
+    assert 2 <= clips["short"] <= 3 and 6 <= clips["long"] <= 7
+    assert clips["short"] == len(choose_frames("000000030", vlen, (2, 3)))
+    assert clips["long"] == len(choose_frames("000000030", vlen, (6, 7)))

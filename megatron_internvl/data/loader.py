@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,9 @@ class DatasetSpec:
     name: str
     shards: tuple[str, ...]
     weight: float = 1.0
+    video_frames: tuple[int, int] | None = None
+    """Frames per video sample drawn from this range in this dataset; None: the loader's
+    (`LoaderConfig.sample.video_frames`)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,11 @@ class InternVLLoader:
                     f"{dp_size} data-parallel ranks; add data or lower its dp size"
                 )
             self.entries.append(entries)
+        # Per dataset: its own frame range, if it has one (SampleConfig validates it).
+        self.sample_configs = [
+            replace(cfg.sample, video_frames=d.video_frames or cfg.sample.video_frames)
+            for d in datasets
+        ]
         self.reader = ShardReader()
         self.tiler = ImageTiler(cfg.tiler)
         self.packer = SequencePacker(
@@ -246,7 +254,7 @@ class InternVLLoader:
         for ref in refs:
             entry = self.entries[ref[0]][ref[2]]
             try:
-                raw = read_sample(self.reader, entry, self.cfg.sample)
+                raw = read_sample(self.reader, entry, self.sample_configs[ref[0]])
             except BadSampleError as error:
                 raws.append(error)
                 continue
