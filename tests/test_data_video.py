@@ -5,6 +5,7 @@ is one skipped sample in both the validator and the loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -51,9 +52,9 @@ def mp4(frames) -> bytes:
     return buffer.getvalue()
 
 
-def jpeg(array) -> bytes:
+def jpeg(array, quality: int = 75) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG")
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -99,18 +100,28 @@ def test_decoded_frames_tile_as_their_lossless_encodings_and_as_internvl_does():
     for jpeg_quality in (None, (75, 100)):
         tiler = ImageTiler(TilerConfig(jpeg_quality=jpeg_quality, batch_size=4))
         qualities = [int(q) for q in rng.integers(75, 101, len(frames))]
-        direct = tiler.tile([ImageJob(f, 1, q) for f, q in zip(frames, qualities, strict=True)])
-        # The frames as an image decoder sees them (what the loader fed before: PNG members).
-        encoded = tiler.tile(
-            [ImageJob(png(f), 1, q) for f, q in zip(frames, qualities, strict=True)]
-        )
+        jobs = [ImageJob(f, 1, q, video_frame=True) for f, q in zip(frames, qualities, strict=True)]
+        direct = tiler.tile(jobs)
+        # The same frames through the image decoder (PNG members, lossless): the same tiles.
+        encoded = tiler.tile([dataclasses.replace(j, data=png(j.data)) for j in jobs])
         for ours, via_png in zip(direct, encoded, strict=True):
             assert ours.shape == (1, 448, 448, 3) and torch.equal(ours, via_png)
-    # InternVL: dynamic_preprocess(max_num=1) is one resize of the frame to 448 x 448 (PIL's
-    # bicubic), no thumbnail; without re-compression the tile is that resize.
+    # InternVL's video_get_item: its training transform per frame, JPEG at the frame's own size
+    # then Resize((448, 448), BICUBIC): no dynamic_preprocess, no thumbnail. Noise frames of
+    # every aspect class without re-compression; camera frames (a pan over a photograph) at
+    # fixed qualities (DALI's JPEG codec against PIL's).
     plain = ImageTiler(TilerConfig(batch_size=4)).tile([ImageJob(f, 1) for f in frames])
-    for frame, tiles in zip(frames, plain, strict=True):
-        pil = np.asarray(Image.fromarray(frame).resize((448, 448), Image.Resampling.BICUBIC))
+    cases = [(frame, tiles, None) for frame, tiles in zip(frames, plain, strict=True)]
+    camera = [np.ascontiguousarray(f) for f in pan_frames(3, (320, 240))]
+    for quality in (75, 90, 100):
+        tiler = ImageTiler(TilerConfig(jpeg_quality=(quality, quality)))
+        tiled = tiler.tile([ImageJob(f, 1, quality, video_frame=True) for f in camera])
+        cases += [(frame, tiles, quality) for frame, tiles in zip(camera, tiled, strict=True)]
+    for frame, tiles, quality in cases:
+        image = Image.fromarray(frame)
+        if quality is not None:  # InternVL's simulate_jpeg_degradation
+            image = Image.open(io.BytesIO(jpeg(frame, quality))).convert("RGB")
+        pil = np.asarray(image.resize((448, 448), Image.Resampling.BICUBIC))
         assert np.abs(tiles[0].numpy().astype(int) - pil.astype(int)).max() <= 2
 
 

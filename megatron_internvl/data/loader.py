@@ -262,7 +262,7 @@ class InternVLLoader:
             video = raw.layout == "video"
             cap = 1 if video else per_image_cap(self.cfg.tiler.max_num, max(1, len(raw.images)))
             qualities = self._quality(ref, len(raw.images))
-            jobs += [ImageJob(d, cap, q) for d, q in zip(raw.images, qualities, strict=True)]
+            jobs += [ImageJob(d, cap, q, video) for d, q in zip(raw.images, qualities, strict=True)]
             raws.append(raw)
         tiles = iter(self.tiler.tile(jobs))
         out: list[Sample | BadSampleError] = []

@@ -27,7 +27,9 @@ sample. So here Python reads the encoded bytes (cheap: a seek and a read per mem
   the threads work. Only the thumbnails that are kept are computed.
 - already decoded images (a video file's frames, uint8 arrays from PyAV) skip DALI: one host
   thread task each (resize, cut, re-compression), also with a GPU (then the tiles move to it).
-  Re-encoding them for DALI (PNG) cost more than the rest of their path (measured).
+  Re-encoding them for DALI (PNG) cost more than the rest of their path (measured). A video
+  frame is re-compressed before its resize, at its own size, as InternVL's transform does
+  (`ImageJob.video_frame`); with a GPU, frame members are decoded by PIL for that order.
 - on a DALI decode failure the pipeline is dead: it is rebuilt, and the batch's images are
   retried one at a time, so only the image(s) that fail are reported.
 """
@@ -84,6 +86,10 @@ class ImageJob:
     data: bytes | np.ndarray
     max_num: int
     quality: int = 100
+    video_frame: bool = False
+    """Re-compressed at its own size before the resize, as InternVL's transform treats a video
+    frame (JPEG, then Resize to S x S); an image's tiles are re-compressed after the cut (its
+    transform runs on the tiles)."""
 
 
 class ImageDecodeError(ValueError):
@@ -196,7 +202,11 @@ class ImageTiler:
             if isinstance(grid, ImageDecodeError):
                 continue
             if isinstance(jobs[i].data, np.ndarray):  # decoded: straight to a host thread
-                results[i] = self._submit(jobs[i].data, grid, jobs[i].quality)
+                results[i] = self._submit(jobs[i].data, grid, jobs[i])
+            elif jobs[i].video_frame and self.resize_in_dali:
+                # DALI's graph compresses after its resize: a frame member is decoded here.
+                with Image.open(io.BytesIO(jobs[i].data)) as image:
+                    results[i] = self._submit(np.asarray(image.convert("RGB")), grid, jobs[i])
             else:
                 good.append(i)
         if not good:
@@ -225,9 +235,10 @@ class ImageTiler:
         self.pipes[pipe] = build_tiler_pipeline(self.cfg)
 
     def _distort_tiles(self, tiles_u8: np.ndarray, quality: int) -> None:
-        """JPEG re-compression of each tile, in place, by this host thread's own DALI pipeline:
-        one run per image, inside the image's task (no batch barrier), and DALI releases the
-        GIL while it encodes (PIL's JPEG encoder holds it: measured, it serialised the threads).
+        """JPEG re-compression of each tile (or of a frame: a batch of one), in place, by this
+        host thread's own DALI pipeline: one run per image, inside the image's task (no batch
+        barrier), and DALI releases the GIL while it encodes (PIL's JPEG encoder holds it:
+        measured, it serialised the threads).
         """
         pipe = getattr(self._local, "distort", None)
         if pipe is None:
@@ -274,17 +285,21 @@ class ImageTiler:
             out.append(cut_tiles(as_torch(grid_hwc[i], self.device), thumb, grid, size))
         return out
 
-    def _tile_on_host(self, image_hwc: np.ndarray, grid: Grid, quality: int) -> torch.Tensor:
+    def _tile_on_host(self, image_hwc: np.ndarray, grid: Grid, job: ImageJob) -> torch.Tensor:
         """tiles_u8 of a decoded image: resizes, tile cut and re-compression on this thread."""
+        jpeg = self.cfg.jpeg_quality is not None
+        if jpeg and job.video_frame:
+            image_hwc = image_hwc.copy()  # not the decoder's buffer
+            self._distort_tiles(image_hwc[None], job.quality)
         tiles_u8 = tile_image(
             torch.from_numpy(image_hwc), grid, self.cfg.image_size, self._thumb(grid)
         )
-        if self.cfg.jpeg_quality is not None:
-            self._distort_tiles(tiles_u8.numpy(), quality)
+        if jpeg and not job.video_frame:
+            self._distort_tiles(tiles_u8.numpy(), job.quality)
         return tiles_u8 if self.device.type == "cpu" else tiles_u8.to(self.device)
 
-    def _submit(self, image_hwc: np.ndarray, grid: Grid, quality: int) -> Future:
-        return self._pool.submit(self._tile_on_host, image_hwc, grid, quality)
+    def _submit(self, image_hwc: np.ndarray, grid: Grid, job: ImageJob) -> Future:
+        return self._pool.submit(self._tile_on_host, image_hwc, grid, job)
 
     def _resize_on_host(
         self, decoded, jobs: Sequence[ImageJob], grids: Sequence[Grid]
@@ -295,5 +310,5 @@ class ImageTiler:
         order = sorted(range(len(grids)), key=lambda i: -grids[i][0] * grids[i][1])
         futures: list = [None] * len(grids)
         for i in order:
-            futures[i] = self._submit(np.asarray(decoded[i]), grids[i], jobs[i].quality)
+            futures[i] = self._submit(np.asarray(decoded[i]), grids[i], jobs[i])
         return futures
