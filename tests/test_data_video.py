@@ -102,10 +102,13 @@ def test_decoded_frames_tile_as_their_lossless_encodings_and_as_internvl_does():
         qualities = [int(q) for q in rng.integers(75, 101, len(frames))]
         jobs = [ImageJob(f, 1, q, video_frame=True) for f, q in zip(frames, qualities, strict=True)]
         direct = tiler.tile(jobs)
-        # The same frames through the image decoder (PNG members, lossless): the same tiles.
-        encoded = tiler.tile([dataclasses.replace(j, data=png(j.data)) for j in jobs])
-        for ours, via_png in zip(direct, encoded, strict=True):
-            assert ours.shape == (1, 448, 448, 3) and torch.equal(ours, via_png)
+        # The same frames as members (PNG, lossless), decoded by DALI (host resize) or, where
+        # DALI's graph resizes (the GPU path), by PIL: the same tiles.
+        members = [dataclasses.replace(j, data=png(j.data)) for j in jobs]
+        graph = ImageTiler(TilerConfig(jpeg_quality=jpeg_quality, batch_size=4, resize="dali"))
+        for encoded in (tiler.tile(members), graph.tile(members)):
+            for ours, via_png in zip(direct, encoded, strict=True):
+                assert ours.shape == (1, 448, 448, 3) and torch.equal(ours, via_png)
     # InternVL's video_get_item: its training transform per frame, JPEG at the frame's own size
     # then Resize((448, 448), BICUBIC): no dynamic_preprocess, no thumbnail. Noise frames of
     # every aspect class without re-compression; camera frames (a pan over a photograph) at
