@@ -58,7 +58,7 @@ from megatron_internvl.data.packing import (
     SequencePacker,
     collate_rows,
 )
-from megatron_internvl.data.pixels import normalize_tiles
+from megatron_internvl.data.pixels import BatchBuffers, normalize_tiles
 from megatron_internvl.data.samples import POLICY_REASONS, SampleConfig, read_sample
 from megatron_internvl.data.shard_index import SampleEntry, ensure_index, read_index
 from megatron_internvl.data.shard_index import shard_list as shard_list  # the loop finds it here
@@ -183,6 +183,7 @@ class InternVLLoader:
         ]
         self.reader = ShardReader()
         self.tiler = ImageTiler(cfg.tiler)
+        self.batch_buffers = BatchBuffers()  # float micro-batches' memory, recycled
         self.packer = SequencePacker(
             PackingConfig(
                 seq_length=cfg.seq_length,
@@ -385,14 +386,14 @@ class InternVLLoader:
         self.micro_batches += 1
         return rows
 
-    @staticmethod
-    def collate(rows: Sequence[PackedRow]) -> dict[str, Any]:
-        """The micro-batch of `next_rows`' rows (stateless: may run on another thread)."""
+    def collate(self, rows: Sequence[PackedRow]) -> dict[str, Any]:
+        """The micro-batch of `next_rows`' rows (may run on another thread, one at a time: it
+        touches only the float batches' recycled memory)."""
         batch: dict[str, Any] = collate_rows(rows)
         batch["loss_mask"] = batch.pop("loss_weights")
         payloads = [p for row in rows for p in row.payloads]
         tiles = [t for p in payloads for t in p.tiles]
-        batch["images"] = normalize_tiles(tiles) if tiles else None
+        batch["images"] = normalize_tiles(tiles, self.batch_buffers) if tiles else None
         batch["sample_keys"] = [p.name for p in payloads]
         return batch
 
