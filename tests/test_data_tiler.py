@@ -163,6 +163,13 @@ def test_float_batches_reuse_memory_only_once_nothing_holds_it():
     del loss, third
     fourth = normalize_tiles([tiles], buffers)  # released everywhere: recycled, refilled
     assert fourth.data_ptr() == held and torch.equal(fourth, normalize_tiles([tiles]))
+    # Full (`keep`) with a small idle buffer: a larger batch takes new memory, which replaces
+    # the idle one (buffers of other sizes, as micro-batches' tile counts vary).
+    del second
+    more = torch.cat([tiles, tiles])
+    larger = normalize_tiles([more], buffers)
+    assert torch.equal(larger, normalize_tiles([more])) and len(buffers.buffers) == 2
+    assert any(b.data_ptr() == larger.data_ptr() for b in buffers.buffers)
 
 
 @pytest.mark.parametrize("size", [(1344, 896), (448, 448), (5376, 448), (448, 1344), (512, 512)])

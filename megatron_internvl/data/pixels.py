@@ -162,7 +162,8 @@ class BatchBuffers:
         if _storage_users(fresh) is not None:  # reusable only where the count can be read
             idle = [b for b in self.buffers if _storage_users(b) == 1]
             if len(self.buffers) >= self.keep and idle:
-                self.buffers.remove(min(idle, key=torch.Tensor.numel))
+                smallest = min(idle, key=torch.Tensor.numel)  # dropped by identity, not value
+                self.buffers = [b for b in self.buffers if b is not smallest]
             if len(self.buffers) < self.keep:
                 self.buffers.append(fresh)
         return fresh.view(shape)
