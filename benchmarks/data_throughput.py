@@ -7,8 +7,9 @@ Both read the same shards in the same run, rounds interleaved. Without --shards,
 written to a temp folder: `mixed`, scikit-image photos at camera-like sizes (one to three images
 per sample, some text-only, conversations); `caption`, one photo + `.txt` caption per sample
 (img2dataset's layout); `video`, an .mp4 clip per sample (48 frames of 320x240 panning over a
-photo), for which the baseline is InternVL's video path (frames from the decoder, here PyAV as
-decord is not installed, `dynamic_preprocess(max_num=1)` and the transform per frame).
+photo), for which the baseline is InternVL's video path (`read_frames_decord`: decord's
+`VideoReader(num_threads=1).get_batch`, or PyAV where decord is not installed (the header
+says which), PIL frames, then `video_get_item`'s transform per frame: one tile each).
 
 - ours: `InternVLLoader` end to end (read, DALI decode, bicubic resizes (`--device cpu`: torch's
   uint8 kernel on `--threads` host threads; `gpu`: DALI "mixed" decoding and GPU resize), JPEG
@@ -23,7 +24,17 @@ decord is not installed, `dynamic_preprocess(max_num=1)` and the transform per f
 
 JPEG re-compression: InternVL draws a quality per tile, ours per image (grid image and
 thumbnail); the pixels compressed are the same. `--no-jpeg` turns it off in both (InternVL's
-evaluation transform). Throughput counts samples and tiles that came out.
+evaluation transform). For video InternVL compresses the frame before its Resize, ours the
+448 tile after it. Throughput counts samples and tiles that came out after a warm-up: ours
+after its first micro-batch (the packer's open rows filled, as in steady state; closed rows
+still waiting then, at most one `--read-ahead` fill, count in the window), InternVL after one
+sample per worker (its workers' prefetch may run ahead of the window). A short window is
+biased by that fill: keep `--samples` several fills long (default 160 vs 32).
+
+The three cases, as the README's data section lists them:
+  python benchmarks/data_throughput.py --layout mixed
+  python benchmarks/data_throughput.py --layout caption
+  python benchmarks/data_throughput.py --layout video
 """
 
 from __future__ import annotations
@@ -66,6 +77,13 @@ from megatron_internvl.data.tiling import per_image_cap, tile_plan  # noqa: E402
 from megatron_internvl.data.video import choose_frames  # noqa: E402
 
 S = 448
+VIDEO_FRAMES = (8, 32)  # InternVL 2.5's min/max frames per video; ours: data.video_frames
+try:  # InternVL's video reader; PyAV (FFmpeg, ours too) where it does not install
+    import decord
+
+    VIDEO_DECODER = "decord"
+except ImportError:
+    VIDEO_DECODER = "PyAV"
 QUALITIES = (75, 100)  # InternVL's build_transform: qualities = range(75, 101)
 Result = tuple[float, int, int, float]
 """(seconds, samples, tiles, CPU seconds of this process's threads and its worker processes)."""
@@ -205,32 +223,42 @@ class InternVLDataset(torch.utils.data.Dataset):
         entry = self.entries[index % len(self.entries)]
         if "mp4" in entry.members:
             frames, conversation = self.video_frames(entry)
-            cap = 1  # InternVL: one tile per frame
-        else:
-            raw = read_sample(self.reader, entry, SampleConfig())
-            frames = [Image.open(io.BytesIO(d)).convert("RGB") for d in raw.images]
-            conversation = raw.conversations
-            cap = per_image_cap(12, max(1, len(frames)))
+            # InternVL's video_get_item: `transform` per frame (its Resize makes the one tile;
+            # no dynamic_preprocess, no thumbnail).
+            per_image = [torch.stack([transform(frame, rng) for frame in frames])]
+            ids, labels = tokenize_conversation(conversation, [1] * len(frames), self.tokenizer)
+            return per_image[0], ids, labels
+        raw = read_sample(self.reader, entry, SampleConfig())
+        images = [Image.open(io.BytesIO(d)).convert("RGB") for d in raw.images]
+        cap = per_image_cap(12, max(1, len(images)))
         per_image = []
-        for image in frames:
+        for image in images:
             tiles = [transform(t, rng) for t in dynamic_preprocess(image, cap)]
             per_image.append(torch.stack(tiles))
         ids, labels = tokenize_conversation(
-            conversation, [t.shape[0] for t in per_image], self.tokenizer
+            raw.conversations, [t.shape[0] for t in per_image], self.tokenizer
         )
         return (torch.cat(per_image) if per_image else None), ids, labels
 
     def video_frames(self, entry) -> tuple[list[Image.Image], list[dict]]:
-        """InternVL's `read_frames_decord` with PyAV: the chosen frames as PIL images."""
-        import av
-
+        """InternVL's `read_frames_decord` (PyAV where decord is missing): the frames chosen as
+        ours chooses them, as PIL images, and the `Frame-i: <image>` prompt."""
         meta = json.loads(self.reader.read_member(entry, "json"))
-        with av.open(io.BytesIO(self.reader.read_member(entry, "mp4"))) as container:
-            stream = container.streams.video[0]
-            vlen = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-            wanted = set(choose_frames(entry.key, vlen, (8, 32)))
-            container.seek(0)
-            frames = [f.to_image() for i, f in enumerate(container.decode(stream)) if i in wanted]
+        data = self.reader.read_member(entry, "mp4")
+        if VIDEO_DECODER == "decord":
+            reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+            picks = choose_frames(entry.key, len(reader), VIDEO_FRAMES)
+            frames = [Image.fromarray(f) for f in reader.get_batch(picks).asnumpy()]
+        else:
+            import av
+
+            with av.open(io.BytesIO(data)) as container:
+                stream = container.streams.video[0]
+                vlen = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+                wanted = set(choose_frames(entry.key, vlen, VIDEO_FRAMES))
+                container.seek(0)
+                decoded = enumerate(container.decode(stream))
+                frames = [f.to_image() for i, f in decoded if i in wanted]
         lines = "\n".join(f"Frame-{i + 1}: <image>" for i in range(len(frames)))
         turns = [dict(t) for t in meta["conversations"]]
         turns[0]["value"] = turns[0]["value"].replace("<video>\n", lines + "\n")
@@ -269,6 +297,7 @@ def run_ours(shards, tokenizer_dir: str, samples: int, prefetch: int, args) -> R
     """Seconds, samples and tiles until `samples` packed samples came out in micro-batches."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LoaderConfig(
+        sample=SampleConfig(video_frames=VIDEO_FRAMES),
         seq_length=args.seq_length,
         shuffle=False,
         read_ahead=args.read_ahead,
@@ -281,7 +310,10 @@ def run_ours(shards, tokenizer_dir: str, samples: int, prefetch: int, args) -> R
     )
     loader = InternVLLoader([DatasetSpec("bench", shards)], tokenizer, cfg)
     source = Prefetcher(loader, prefetch) if prefetch else loader
-    next(source)  # warm-up: pipeline build, first allocations
+    # Warm-up: pipelines' first runs and the packer's open rows filled (until the first row
+    # closes; in steady state they stay full). The rows closed with it that are still waiting
+    # (at most one fill) count in the window; rows prepared but not consumed at its end do not.
+    next(source)
     start, done, tiles, cpu = time.perf_counter(), 0, 0, cpu_seconds()
     while done < samples:
         batch = next(source)
@@ -336,7 +368,8 @@ def main() -> None:
         parser.error("--device gpu: torch sees no CUDA device")
     where = f"DALI {args.device.upper()}, {args.threads} thr"
     ours = [f"ours ({where}), prefetch {p}" for p in (0, 2)]
-    theirs = [f"InternVL PIL path, {w} DataLoader workers" for w in sorted({0, args.workers})]
+    path = f"InternVL {VIDEO_DECODER}+PIL" if args.layout == "video" else "InternVL PIL path"
+    theirs = [f"{path}, {w} DataLoader workers" for w in sorted({0, args.workers})]
     runs: dict[str, list[Result]] = {name: [] for name in ours + theirs}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

@@ -212,3 +212,19 @@ def test_samples_padded_for_context_parallelism_by_hand():
 def test_seq_length_must_hold_whole_padded_samples():
     with pytest.raises(ValueError, match="multiple of pad_to_multiple=4"):
         PackingConfig(seq_length=10, pad_to_multiple=4)
+
+
+def test_closing_a_row_finds_it_by_identity_with_numpy_token_arrays():
+    # Samples as a tokenizer hands them over (numpy arrays). Rows A and B hold two samples each
+    # (A is full of tiles, so `c` goes to B and fills it); closing B must not compare A's arrays
+    # with B's (a value-compared row raised "truth value of an array is ambiguous").
+    packer = SequencePacker(PackingConfig(seq_length=10, max_tiles_per_row=2))
+    a = Sample(np.arange(6), np.arange(6), num_tiles=2, payload="a")
+    b = Sample(np.arange(6), np.arange(6), num_tiles=0, payload="b")
+    a2 = Sample(np.arange(2), np.arange(2), num_tiles=0, payload="a2")
+    c = Sample(np.arange(4), np.arange(4), num_tiles=1, payload="c")
+    assert packer.add(a) == [] and packer.add(b) == [] and packer.add(a2) == []
+    (row,) = packer.add(c)
+    assert row.payloads == ["b", "c"] and row.input_ids.tolist() == [*range(6), *range(4)]
+    (rest,) = packer.flush()
+    assert rest.payloads == ["a", "a2"]

@@ -15,7 +15,7 @@ import skimage.data
 from PIL import Image
 
 from megatron_internvl.data.samples import SampleConfig, read_sample
-from megatron_internvl.data.shard_builders import build_shards, load_records
+from megatron_internvl.data.shard_builders import ShardOutput, build_shards, load_records
 from megatron_internvl.data.shard_index import read_index
 from megatron_internvl.data.shard_reader import ShardReader
 from megatron_internvl.data.shard_validation import validate_shards
@@ -65,7 +65,9 @@ def members_of(tar_path):
 def test_builder_writes_documented_members_and_index(tmp_path, image_root):
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in good_records()))
-    summary = build_shards(load_records(jsonl), image_root, tmp_path / "out", progress_bar=False)
+    summary = build_shards(
+        load_records(jsonl), image_root, ShardOutput(tmp_path / "out", progress_bar=False)
+    )
     assert summary.written == 4 and summary.images == 4 and summary.text_only == 1
     assert not summary.skipped
     (shard,) = summary.shards
@@ -97,12 +99,16 @@ def test_builder_writes_documented_members_and_index(tmp_path, image_root):
 
 def test_shard_size_by_count_and_by_bytes(tmp_path, image_root):
     records = good_records() * 3  # 12 samples
-    by_count = build_shards(records, image_root, tmp_path / "c", max_samples=5, progress_bar=False)
+    by_count = build_shards(
+        records, image_root, ShardOutput(tmp_path / "c", max_samples=5, progress_bar=False)
+    )
     assert [len(read_index(p)) for p in by_count.shards] == [5, 5, 2]
     assert [p.name for p in by_count.shards] == [f"shard-{n:06d}.tar" for n in range(3)]
     limit = 40_000
     by_bytes = build_shards(
-        records, image_root, tmp_path / "b", max_samples=None, max_bytes=limit, progress_bar=False
+        records,
+        image_root,
+        ShardOutput(tmp_path / "b", max_samples=None, max_bytes=limit, progress_bar=False),
     )
     assert len(by_bytes.shards) > 1
     # webdataset closes a shard once its member bytes reach max_bytes (tar headers not counted).
@@ -124,7 +130,7 @@ def test_builder_skips_and_reports_bad_records(tmp_path, image_root):
          "conversations": [turn("human", "<image> <image>"), turn("gpt", "y")]},
         {"id": "empty", "image": "cat.jpg"},
     ]  # fmt: skip
-    summary = build_shards(records, image_root, tmp_path / "out", progress_bar=False)
+    summary = build_shards(records, image_root, ShardOutput(tmp_path / "out", progress_bar=False))
     assert summary.written == 1
     assert summary.skipped == {
         "missing image": 1,
@@ -141,7 +147,7 @@ def test_dali_webdataset_reader_reads_the_shards(tmp_path, image_root):
     from tests.dali_reader import TiledImageLoader, TilingPipelineConfig
 
     records = [good_records()[0]] * 3
-    summary = build_shards(records, image_root, tmp_path / "out", progress_bar=False)
+    summary = build_shards(records, image_root, ShardOutput(tmp_path / "out", progress_bar=False))
     shard = str(summary.shards[0])
     cfg = TilingPipelineConfig(image_ext="jpg", batch_size=2, max_num=2)
     loader = TiledImageLoader([shard], [str(Path(shard).with_suffix(".idx"))], cfg)

@@ -142,6 +142,36 @@ def test_normalize_tiles_is_internvls_to_tensor_and_normalize():
     assert (out - expected).abs().max() < 1e-6
 
 
+def test_float_batches_reuse_memory_only_once_nothing_holds_it():
+    from megatron_internvl.data.pixels import BatchBuffers
+
+    tiles = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), np.uint8))
+    buffers = BatchBuffers(keep=2)
+    first = normalize_tiles([tiles], buffers)
+    assert torch.equal(first, normalize_tiles([tiles]))  # the values of a fresh tensor
+    held = first.data_ptr()
+    second = normalize_tiles([tiles[:2]], buffers)  # `first` is still held: other memory
+    assert second.data_ptr() != held and torch.equal(second, first[:2])
+    view, weight = first[1:], torch.ones(3, 8, 8, requires_grad=True)
+    loss = (first * weight).sum()  # autograd keeps `first` for the backward pass
+    del first
+    third = normalize_tiles([tiles], buffers)
+    assert third.data_ptr() not in (held, second.data_ptr())
+    del view
+    assert normalize_tiles([tiles], buffers).data_ptr() != held  # autograd still holds it
+    loss.backward()
+    del loss, third
+    fourth = normalize_tiles([tiles], buffers)  # released everywhere: recycled, refilled
+    assert fourth.data_ptr() == held and torch.equal(fourth, normalize_tiles([tiles]))
+    # Full (`keep`) with a small idle buffer: a larger batch takes new memory, which replaces
+    # the idle one (buffers of other sizes, as micro-batches' tile counts vary).
+    del second
+    more = torch.cat([tiles, tiles])
+    larger = normalize_tiles([more], buffers)
+    assert torch.equal(larger, normalize_tiles([more])) and len(buffers.buffers) == 2
+    assert any(b.data_ptr() == larger.data_ptr() for b in buffers.buffers)
+
+
 @pytest.mark.parametrize("size", [(1344, 896), (448, 448), (5376, 448), (448, 1344), (512, 512)])
 def test_resize_bicubic_is_torch_interpolate_written_channels_last(size):
     """`resize_bicubic` calls the aten op with a channels-last `out`; same values as the public

@@ -5,6 +5,7 @@ is one skipped sample in both the validator and the loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -14,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import skimage.data
+import torch
 import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
@@ -23,7 +25,7 @@ from megatron_internvl.data.samples import SampleConfig, read_sample
 from megatron_internvl.data.shard_index import ensure_index, read_index
 from megatron_internvl.data.shard_reader import ShardReader
 from megatron_internvl.data.shard_validation import validate_shards
-from megatron_internvl.data.tiler import TilerConfig
+from megatron_internvl.data.tiler import ImageJob, ImageTiler, TilerConfig
 from megatron_internvl.data.video import choose_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +52,9 @@ def mp4(frames) -> bytes:
     return buffer.getvalue()
 
 
-def jpeg(array) -> bytes:
+def jpeg(array, quality: int = 75) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG")
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -79,6 +81,51 @@ def test_frames_come_one_per_equal_segment_in_the_drawn_count(vlen):
             assert all(lo <= p < hi for p, lo, hi in zip(picks, edges[:-1], ends, strict=True))
     if vlen == 333:
         assert len(counts) > 5  # the count is drawn, not fixed
+
+
+FRAME_SHAPES = [(240, 320), (600, 40), (60, 900), (6, 8), (720, 1280)]
+"""(height, width) of decoded frames: camera-like (upscaled), tall and narrow (width up, height
+down: the class where the resize pass order matters), a panorama, tiny, HD (downscaled)."""
+
+
+def png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decoded_frames_tile_as_their_lossless_encodings_and_as_internvl_does():
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in FRAME_SHAPES]
+    for jpeg_quality in (None, (75, 100)):
+        tiler = ImageTiler(TilerConfig(jpeg_quality=jpeg_quality, batch_size=4))
+        qualities = [int(q) for q in rng.integers(75, 101, len(frames))]
+        jobs = [ImageJob(f, 1, q, video_frame=True) for f, q in zip(frames, qualities, strict=True)]
+        direct = tiler.tile(jobs)
+        # The same frames as members (PNG, lossless), decoded by DALI (host resize) or, where
+        # DALI's graph resizes (the GPU path), by PIL: the same tiles.
+        members = [dataclasses.replace(j, data=png(j.data)) for j in jobs]
+        graph = ImageTiler(TilerConfig(jpeg_quality=jpeg_quality, batch_size=4, resize="dali"))
+        for encoded in (tiler.tile(members), graph.tile(members)):
+            for ours, via_png in zip(direct, encoded, strict=True):
+                assert ours.shape == (1, 448, 448, 3) and torch.equal(ours, via_png)
+    # InternVL's video_get_item: its training transform per frame, JPEG at the frame's own size
+    # then Resize((448, 448), BICUBIC): no dynamic_preprocess, no thumbnail. Noise frames of
+    # every aspect class without re-compression; camera frames (a pan over a photograph) at
+    # fixed qualities (DALI's JPEG codec against PIL's).
+    plain = ImageTiler(TilerConfig(batch_size=4)).tile([ImageJob(f, 1) for f in frames])
+    cases = [(frame, tiles, None) for frame, tiles in zip(frames, plain, strict=True)]
+    camera = [np.ascontiguousarray(f) for f in pan_frames(3, (320, 240))]
+    for quality in (75, 90, 100):
+        tiler = ImageTiler(TilerConfig(jpeg_quality=(quality, quality)))
+        tiled = tiler.tile([ImageJob(f, 1, quality, video_frame=True) for f in camera])
+        cases += [(frame, tiles, quality) for frame, tiles in zip(camera, tiled, strict=True)]
+    for frame, tiles, quality in cases:
+        image = Image.fromarray(frame)
+        if quality is not None:  # InternVL's simulate_jpeg_degradation
+            image = Image.open(io.BytesIO(jpeg(frame, quality))).convert("RGB")
+        pil = np.asarray(image.resize((448, 448), Image.Resampling.BICUBIC))
+        assert np.abs(tiles[0].numpy().astype(int) - pil.astype(int)).max() <= 2
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +159,8 @@ def test_video_and_frame_samples_parse_into_frame_prompts(video_shard):
     assert sample.layout == "video" and len(sample.images) == len(picks)
     with av.open(io.BytesIO(clip)) as container:  # FFmpeg's frames, through PyAV's image API
         decoded = [np.asarray(f.to_image()) for f in container.decode(video=0)]
-    for data, index in zip(sample.images, picks, strict=True):
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), decoded[index])
+    for frame, index in zip(sample.images, picks, strict=True):  # decoded frames, not re-encoded
+        assert frame.dtype == np.uint8 and np.array_equal(frame, decoded[index])
     lines = "\n".join(f"Frame-{i + 1}: <image>" for i in range(len(picks)))
     assert sample.conversations[0]["value"] == f"{lines}\nWhat moves?"
     stills_sample = read_sample(ShardReader(), entries["stills"], cfg)
@@ -161,3 +208,50 @@ def test_the_demo_clip_trains_as_frames_from_the_demo_shards(tmp_path):
     rows = loader.ready + loader.packer.flush()
     (clip,) = [p for row in rows for p in row.payloads if p.name.endswith(":000000030")]
     assert 4 <= len(clip.tiles) <= 8 and all(t.shape == (1, 56, 56, 3) for t in clip.tiles)
+
+
+def _demo_run_config(shards, video_frames):
+    from megatron_internvl.config.cli import compose_run_config
+
+    return compose_run_config(
+        ["recipe=demo_cpu_shards", f"data.shards=[{','.join(map(str, shards))}]",
+         f"data.video_frames={video_frames}", f"data.tokenizer={ROOT / 'demo' / 'tokenizer'}"]
+    )  # fmt: skip
+
+
+def test_each_dataset_samples_the_demo_clip_in_its_own_frame_range(tmp_path):
+    import shutil
+
+    from megatron_internvl.config.cli import check_runnable
+    from megatron_internvl.config.validate import RecipeError
+    from megatron_internvl.training.build_data import data_source, fit_spec_to_tokenizer
+    from megatron_internvl.training.build_model import resolved_spec
+    from tools.build_shards import main as build_main
+
+    sets = [tmp_path / "short", tmp_path / "long"]
+    assert build_main(["--demo", "--out", str(sets[0]), "--no-progress"]) == 0
+    shutil.copytree(sets[0], sets[1])
+    with av.open(ROOT / "demo" / "data" / "videos" / "astronaut_pan.mp4") as container:
+        vlen = sum(1 for _ in container.decode(video=0))  # FFmpeg's count of the clip's frames
+    for wrong in ("[[2,3]]", "[[2,3],[7,6]]", "[2,3,4]"):  # one line naming the field
+        with pytest.raises(RecipeError, match=r"data\.video_frames=.*one such pair per entry"):
+            check_runnable(_demo_run_config(sets, wrong))
+    cfg = _demo_run_config(sets, "[[2,3],[6,7]]")
+    check_runnable(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
+    source = data_source(cfg, spec, dp_rank=0, dp_size=1, tokenizer=tokenizer)
+    clips: dict[str, int] = {}
+    try:
+        for _ in range(200):
+            (batch,) = source.next_microbatches(1)
+            for key, tiles in zip(batch["sample_keys"], batch["tile_counts"], strict=True):
+                if key.endswith(":000000030"):  # the clip: one tile per frame
+                    clips[Path(key.split(":")[0]).parent.name] = tiles
+            if len(clips) == 2:
+                break
+    finally:
+        source.close()
+    assert 2 <= clips["short"] <= 3 and 6 <= clips["long"] <= 7
+    assert clips["short"] == len(choose_frames("000000030", vlen, (2, 3)))
+    assert clips["long"] == len(choose_frames("000000030", vlen, (6, 7)))

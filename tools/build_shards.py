@@ -19,7 +19,12 @@ from pathlib import Path
 
 from megatron_internvl.data.demo_data import DEMO_DIR
 from megatron_internvl.data.errors import DataError
-from megatron_internvl.data.shard_builders import build_caption_shards, build_shards, load_records
+from megatron_internvl.data.shard_builders import (
+    ShardOutput,
+    build_caption_shards,
+    build_shards,
+    load_records,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,17 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         args.json, args.image_root = DEMO_DIR / "data" / "demo.json", DEMO_DIR / "data"
     if args.img2dataset is None and (args.json is None or args.image_root is None):
         parser.error("give --json and --image-root, --img2dataset, or --demo")
-    limits = {
-        "prefix": args.prefix,
-        "max_samples": args.max_samples or None,
-        "max_bytes": int(args.max_bytes) if args.max_bytes else None,
-        "progress_bar": not args.no_progress,
-    }
+    output = ShardOutput(
+        args.out,
+        args.prefix,
+        max_samples=args.max_samples or None,
+        max_bytes=int(args.max_bytes) if args.max_bytes else None,
+        progress_bar=not args.no_progress,
+    )
     try:
         if args.img2dataset is not None:
-            summary = build_caption_shards(args.img2dataset, args.out, **limits)
+            summary = build_caption_shards(args.img2dataset, output)
         else:
-            summary = build_shards(load_records(args.json), args.image_root, args.out, **limits)
+            summary = build_shards(load_records(args.json), args.image_root, output)
     except (DataError, OSError) as error:
         print(f"build_shards: {error}", file=sys.stderr)
         return 2

@@ -160,8 +160,10 @@ class DataSection:
     """Largest total of image pixels in one sample."""
     max_video_frames: int = 4096
     """Longest video (frames) a sample may hold; counted from the container before decoding."""
-    video_frames: list[int] = field(default_factory=lambda: [8, 32])
-    """[min, max] frames sampled per video (InternVL 2.5: 8 to 32), one tile each."""
+    video_frames: list[Any] = field(default_factory=lambda: [8, 32])
+    """[min, max] frames sampled per video (InternVL 2.5: 8 to 32), one tile each, for every
+    dataset; or one [min, max] per entry of `shards`, in order (e.g. [[8, 32], [4, 16]]), where
+    the held-out set (`valid_shards`) takes the first."""
     max_consecutive_drops: int = 200
     """The loader stops with an error after this many samples in a row were dropped."""
     balance: bool = False

@@ -99,6 +99,8 @@ def validate(cfg: RunConfig, spec: InternVLSpec, world_size: int) -> ParallelLay
         errors.append("data.source=shards needs data.shards=[<shard dir or .tar>, ...]")
     if cfg.data.source == "shards" and not cfg.data.tokenizer:
         errors.append("data.source=shards needs data.tokenizer=<HF tokenizer directory>")
+    if cfg.data.source == "shards":
+        errors += _video_frames_errors(cfg)
     t = cfg.train
     warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_fraction * t.steps)
     if warmup >= t.steps:
@@ -199,6 +201,17 @@ def _sequence_errors(cfg: RunConfig, layout: ParallelLayout) -> list[str]:
 
 def _without_padding(cfg: RunConfig):
     return dataclasses.replace(cfg.data, pad_to_multiple=None)
+
+
+def _video_frames_errors(cfg: RunConfig) -> list[str]:
+    from megatron_internvl.data.errors import DataError
+    from megatron_internvl.data.samples import video_frame_ranges
+
+    try:
+        video_frame_ranges(cfg.data.video_frames, len(cfg.data.shards))
+    except DataError as error:
+        return [str(error)]
+    return []
 
 
 def _validation_set_errors(cfg: RunConfig) -> list[str]:

@@ -13,7 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from megatron_internvl.data.shard_builders import BuildSummary, build_shards, load_records
+from megatron_internvl.data.shard_builders import (
+    BuildSummary,
+    ShardOutput,
+    build_shards,
+    load_records,
+)
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"
 
@@ -29,9 +34,8 @@ def build_demo_shards(out_dir: str | os.PathLike, max_samples: int = 8) -> Build
     """Write the demo data as shards (+ indexes) into `out_dir`; the summary lists them."""
     _check()
     records = load_records(DEMO_DIR / "data" / "demo.json")
-    return build_shards(
-        records, DEMO_DIR / "data", out_dir, "demo", max_samples=max_samples, progress_bar=False
-    )
+    output = ShardOutput(out_dir, "demo", max_samples=max_samples, progress_bar=False)
+    return build_shards(records, DEMO_DIR / "data", output)
 
 
 def demo_tokenizer() -> Any:

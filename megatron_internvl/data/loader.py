@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,7 @@ from megatron_internvl.data.packing import (
     SequencePacker,
     collate_rows,
 )
-from megatron_internvl.data.pixels import normalize_tiles
+from megatron_internvl.data.pixels import BatchBuffers, normalize_tiles
 from megatron_internvl.data.samples import POLICY_REASONS, SampleConfig, read_sample
 from megatron_internvl.data.shard_index import SampleEntry, ensure_index, read_index
 from megatron_internvl.data.shard_index import shard_list as shard_list  # the loop finds it here
@@ -84,6 +84,9 @@ class DatasetSpec:
     name: str
     shards: tuple[str, ...]
     weight: float = 1.0
+    video_frames: tuple[int, int] | None = None
+    """Frames per video sample drawn from this range in this dataset; None: the loader's
+    (`LoaderConfig.sample.video_frames`)."""
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,14 @@ class InternVLLoader:
                     f"{dp_size} data-parallel ranks; add data or lower its dp size"
                 )
             self.entries.append(entries)
+        # Per dataset: its own frame range, if it has one (SampleConfig validates it).
+        self.sample_configs = [
+            replace(cfg.sample, video_frames=d.video_frames or cfg.sample.video_frames)
+            for d in datasets
+        ]
         self.reader = ShardReader()
         self.tiler = ImageTiler(cfg.tiler)
+        self.batch_buffers = BatchBuffers()  # float micro-batches' memory, recycled
         self.packer = SequencePacker(
             PackingConfig(
                 seq_length=cfg.seq_length,
@@ -246,7 +255,7 @@ class InternVLLoader:
         for ref in refs:
             entry = self.entries[ref[0]][ref[2]]
             try:
-                raw = read_sample(self.reader, entry, self.cfg.sample)
+                raw = read_sample(self.reader, entry, self.sample_configs[ref[0]])
             except BadSampleError as error:
                 raws.append(error)
                 continue
@@ -254,7 +263,7 @@ class InternVLLoader:
             video = raw.layout == "video"
             cap = 1 if video else per_image_cap(self.cfg.tiler.max_num, max(1, len(raw.images)))
             qualities = self._quality(ref, len(raw.images))
-            jobs += [ImageJob(d, cap, q) for d, q in zip(raw.images, qualities, strict=True)]
+            jobs += [ImageJob(d, cap, q, video) for d, q in zip(raw.images, qualities, strict=True)]
             raws.append(raw)
         tiles = iter(self.tiler.tile(jobs))
         out: list[Sample | BadSampleError] = []
@@ -377,14 +386,14 @@ class InternVLLoader:
         self.micro_batches += 1
         return rows
 
-    @staticmethod
-    def collate(rows: Sequence[PackedRow]) -> dict[str, Any]:
-        """The micro-batch of `next_rows`' rows (stateless: may run on another thread)."""
+    def collate(self, rows: Sequence[PackedRow]) -> dict[str, Any]:
+        """The micro-batch of `next_rows`' rows (may run on another thread, one at a time: it
+        touches only the float batches' recycled memory)."""
         batch: dict[str, Any] = collate_rows(rows)
         batch["loss_mask"] = batch.pop("loss_weights")
         payloads = [p for row in rows for p in row.payloads]
         tiles = [t for p in payloads for t in p.tiles]
-        batch["images"] = normalize_tiles(tiles) if tiles else None
+        batch["images"] = normalize_tiles(tiles, self.batch_buffers) if tiles else None
         batch["sample_keys"] = [p.name for p in payloads]
         return batch
 

@@ -133,7 +133,7 @@ def loss_weights(shifted_labels: np.ndarray, reduction: LossReduction) -> np.nda
     return np.where(supervised, np.float32(per_token), np.float32(0.0)).astype(np.float32)
 
 
-@dataclass
+@dataclass(eq=False)  # rows are found by identity: comparing values compares token arrays
 class _OpenRow:
     samples: list[Sample] = field(default_factory=list)
     tokens: int = 0

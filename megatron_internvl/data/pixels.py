@@ -132,8 +132,48 @@ def _affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _AFFINE[device]
 
 
-def normalize_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
-    """uint8 HWC tile tensors -> one float32 [N, 3, S, S] with ImageNet mean/std.
+def _storage_users(tensor: torch.Tensor) -> int | None:
+    """Tensors (views, autograd's saved inputs) sharing `tensor`'s memory, or None where this
+    torch cannot say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    return count(tensor.untyped_storage()._cdata) - 1  # less the storage object asked here
+
+
+class BatchBuffers:
+    """Recycled memory for the float micro-batches on the CPU. A fresh ~100 MB tensor per
+    micro-batch is paid in page faults: 1.4 ms of CPU per 448 px tile against 0.3 ms into
+    memory already touched (measured). A buffer is handed out again only once nothing else
+    holds its memory: the step, autograd's saved input and the prefetch queue have all let go
+    of the batch (torch's storage use count); else a new one is made (at most `keep` kept)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.buffers: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float32 CPU tensor of `shape`."""
+        numel = int(np.prod(shape))
+        free = [b for b in self.buffers if b.numel() >= numel and _storage_users(b) == 1]
+        if free:
+            return min(free, key=torch.Tensor.numel)[:numel].view(shape)
+        fresh = torch.empty(numel, dtype=torch.float32)
+        if _storage_users(fresh) is not None:  # reusable only where the count can be read
+            idle = [b for b in self.buffers if _storage_users(b) == 1]
+            if len(self.buffers) >= self.keep and idle:
+                smallest = min(idle, key=torch.Tensor.numel)  # dropped by identity, not value
+                self.buffers = [b for b in self.buffers if b is not smallest]
+            if len(self.buffers) < self.keep:
+                self.buffers.append(fresh)
+        return fresh.view(shape)
+
+
+def normalize_tiles(
+    tiles: Sequence[torch.Tensor], buffers: BatchBuffers | None = None
+) -> torch.Tensor:
+    """uint8 HWC tile tensors -> one float32 [N, 3, S, S] with ImageNet mean/std (on the CPU
+    into recycled memory from `buffers` when given).
 
     Within ~5e-7 of InternVL's `ToTensor` + `Normalize` ((v / 255 - mean) / std in float32).
     Tile by tile (2.4 MB, stays in cache): a converting, transposing copy, then two in-place
@@ -146,7 +186,11 @@ def normalize_tiles(tiles: Sequence[torch.Tensor]) -> torch.Tensor:
     first = tiles[0]
     total = sum(t.shape[0] for t in tiles)
     size = first.shape[1:3]
-    out = torch.empty((total, 3, *size), dtype=torch.float32, device=first.device)
+    shape = (total, 3, *size)
+    if buffers is not None and not first.is_cuda:
+        out = buffers.take(shape)
+    else:
+        out = torch.empty(shape, dtype=torch.float32, device=first.device)
     scale, shift = _affine(first.device)
     sources = (t for ts in tiles for t in ts)
     if out.is_cuda:

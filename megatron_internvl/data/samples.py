@@ -33,7 +33,7 @@ import json
 import re
 import warnings
 import zlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -105,12 +105,33 @@ class SampleConfig:
             raise DataError(f"data.video_frames={list(self.video_frames)}: need 1 <= min <= max")
 
 
+def video_frame_ranges(value: Sequence[Any], datasets: int) -> list[tuple[int, int]]:
+    """`data.video_frames` as one (min, max) per dataset: one [min, max] pair for every dataset,
+    or one pair per entry of `data.shards` (in order); `DataError` in one line otherwise."""
+    found = list(value)
+    per_dataset = bool(found) and all(isinstance(p, list | tuple) for p in found)
+    pairs = [tuple(p) for p in found] if per_dataset else [tuple(found)]
+
+    def valid(pair: tuple) -> bool:
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        return len(pair) == 2 and ints and 1 <= pair[0] <= pair[1]
+
+    if not all(valid(p) for p in pairs) or (per_dataset and len(pairs) != datasets):
+        raise DataError(
+            f"data.video_frames={found}: expected [min, max] with 1 <= min <= max for every "
+            f"dataset, or one such pair per entry of data.shards ({datasets}), e.g. [8, 32] "
+            "or [[8, 32], [4, 16]]"
+        )
+    return pairs if per_dataset else pairs * datasets
+
+
 def sample_config(data: Any) -> SampleConfig:
-    """The `SampleConfig` of a run's data section (`config.schema.DataSection`)."""
+    """The `SampleConfig` of a run's data section (`config.schema.DataSection`); its frame
+    range is the first dataset's (the held-out set's, see `video_frame_ranges`)."""
     return SampleConfig(
         caption_prompts=tuple(data.caption_prompts) or DEFAULT_CAPTION_PROMPTS,
         caption_min=dict(data.caption_min),
-        video_frames=tuple(data.video_frames),
+        video_frames=video_frame_ranges(data.video_frames, max(1, len(data.shards)))[0],
         **{
             f.name: getattr(data, f.name) for f in fields(SampleConfig) if f.name.startswith("max_")
         },
@@ -119,13 +140,14 @@ def sample_config(data: Any) -> SampleConfig:
 
 @dataclass
 class ParsedSample:
-    """A usable sample: its conversation (placeholders in place) and encoded images in order."""
+    """A usable sample: its conversation (placeholders in place) and its images in order."""
 
     name: str
     layout: str
     """"conversation", "caption", "text" or "video" (its images are frames: one tile each)."""
     conversations: list[dict[str, str]]
-    images: list[bytes]
+    images: list[bytes | np.ndarray]
+    """Encoded images (members), or a video file's decoded frames (uint8 [H, W, 3] RGB)."""
     image_sizes: list[tuple[int, int]]
     meta: dict[str, Any]
 
@@ -185,12 +207,15 @@ def _parse_video(
         images = [read(frames[i], cfg.max_member_bytes) for i in picks]
     else:
         assert video is not None
-        images = decode_video(
+        decoded = decode_video(
             read(video, cfg.max_member_bytes),
             name,
             lambda vlen: choose_frames(key, vlen, cfg.video_frames),
-            cfg.max_image_pixels,
-            cfg.max_video_frames,
+            cfg,
+        )
+        sizes = [(frame.shape[1], frame.shape[0]) for frame in decoded]
+        return ParsedSample(
+            name, "video", frame_prompt(conversation, len(decoded)), list(decoded), sizes, meta
         )
     sizes = [image_header_size(data, name, f"frame {i}") for i, data in enumerate(images)]
     _check_pixels(name, sizes, cfg)
@@ -432,5 +457,6 @@ def check_tar_sample(name: str, members: dict[str, bytes], cfg: SampleConfig) ->
 
     sample = parse_sample(name, members, read, cfg)
     for i, data in enumerate(sample.images):
-        decode_image(data, name, f"image {i}")
+        if isinstance(data, bytes):  # a video file's frames are decoded already
+            decode_image(data, name, f"image {i}")
     return sample

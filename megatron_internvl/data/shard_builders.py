@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,19 +200,33 @@ def progress(iterable: Iterable, total: int | None, desc: str, enabled: bool, un
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
-def _write_all(
+@dataclass(frozen=True)
+class ShardOutput:
+    """Where and how both builders write: the folder, the shard name prefix, the size limits
+    of one shard (`ShardWriter`'s), the progress bar, and the per-sample limits."""
+
+    out_dir: str | os.PathLike
+    prefix: str = "shard"
+    max_samples: int | None = 1000
+    max_bytes: int | None = None
+    progress_bar: bool = True
+    cfg: SampleConfig | None = None
+
+
+def write_samples(
     samples: Iterable[tuple[str, Any]],
-    to_members: Any,
-    out_dir: str | os.PathLike,
-    prefix: str,
-    max_samples: int | None,
-    max_bytes: int | None,
+    total: int | None,
+    to_members: Callable[[Any, str, SampleConfig | None], dict[str, bytes]],
+    output: ShardOutput,
 ) -> BuildSummary:
+    """Convert each (name, item) with `to_members(item, name, cfg)` and write the members;
+    items it refuses (`BadSampleError`) are skipped and listed in the summary."""
     summary = BuildSummary()
-    with ShardWriter(out_dir, prefix, max_samples, max_bytes) as writer:
+    samples = progress(samples, total, "shards", output.progress_bar, "sample")
+    with ShardWriter(output.out_dir, output.prefix, output.max_samples, output.max_bytes) as writer:
         for where, item in samples:
             try:
-                members = to_members(item, where)
+                members = to_members(item, where, output.cfg)
             except BadSampleError as error:
                 summary.skipped[error.reason] += 1
                 summary.bad.append(str(error))
@@ -224,25 +238,18 @@ def _write_all(
 
 
 def build_shards(
-    records: Sequence[Any],
-    image_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    prefix: str = "shard",
-    max_samples: int | None = 1000,
-    max_bytes: int | None = None,
-    progress_bar: bool = True,
-    cfg: SampleConfig | None = None,
+    records: Sequence[Any], image_root: str | os.PathLike, output: ShardOutput
 ) -> BuildSummary:
-    """Write LLaVA-style `records` with their images from `image_root` as shards in `out_dir`."""
+    """Write LLaVA-style `records` with their images from `image_root` as shards."""
     numbered = (
         (f"record {n} (id {r.get('id', '?') if isinstance(r, dict) else '?'})", r)
-        for n, r in enumerate(progress(records, len(records), "shards", progress_bar, "sample"))
+        for n, r in enumerate(records)
     )
 
-    def to_members(record: Any, where: str) -> dict[str, bytes]:
+    def to_members(record: Any, where: str, cfg: SampleConfig | None) -> dict[str, bytes]:
         return record_to_members(record, image_root, where, cfg)
 
-    return _write_all(numbered, to_members, out_dir, prefix, max_samples, max_bytes)
+    return write_samples(numbered, len(records), to_members, output)
 
 
 def img2dataset_samples(root: str | os.PathLike) -> Iterator[tuple[str, Path]]:
@@ -274,19 +281,6 @@ def caption_members(path: Path, where: str, cfg: SampleConfig | None = None) -> 
     return members
 
 
-def build_caption_shards(
-    root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    prefix: str = "shard",
-    max_samples: int | None = 1000,
-    max_bytes: int | None = None,
-    progress_bar: bool = True,
-    cfg: SampleConfig | None = None,
-) -> BuildSummary:
-    """Write an img2dataset "files" output folder as caption shards in `out_dir`."""
-    samples = progress(img2dataset_samples(root), None, "shards", progress_bar, "sample")
-
-    def to_members(path: Path, where: str) -> dict[str, bytes]:
-        return caption_members(path, where, cfg)
-
-    return _write_all(samples, to_members, out_dir, prefix, max_samples, max_bytes)
+def build_caption_shards(root: str | os.PathLike, output: ShardOutput) -> BuildSummary:
+    """Write an img2dataset "files" output folder as caption shards."""
+    return write_samples(img2dataset_samples(root), None, caption_members, output)

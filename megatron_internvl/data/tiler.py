@@ -25,6 +25,11 @@ sample. So here Python reads the encoded bytes (cheap: a seek and a read per mem
   them, measured), and one DALI re-compression run per batch cost a thread barrier (~10%
   throughput, measured). Two decode pipelines take turns, so DALI decodes the next batch while
   the threads work. Only the thumbnails that are kept are computed.
+- already decoded images (a video file's frames, uint8 arrays from PyAV) skip DALI: one host
+  thread task each (resize, cut, re-compression), also with a GPU (then the tiles move to it).
+  Re-encoding them for DALI (PNG) cost more than the rest of their path (measured). A video
+  frame is re-compressed before its resize, at its own size, as InternVL's transform does
+  (`ImageJob.video_frame`); with a GPU, frame members are decoded by PIL for that order.
 - on a DALI decode failure the pipeline is dead: it is rebuilt, and the batch's images are
   retried one at a time, so only the image(s) that fail are reported.
 """
@@ -75,11 +80,16 @@ class TilerConfig:
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One image to tile: encoded bytes, its tile cap and (if re-compressing) its JPEG quality."""
+    """One image to tile: encoded bytes (decoded by DALI) or an already decoded uint8
+    [H, W, 3] RGB array (a video frame), its tile cap and (if re-compressing) its JPEG quality."""
 
-    data: bytes
+    data: bytes | np.ndarray
     max_num: int
     quality: int = 100
+    video_frame: bool = False
+    """Re-compressed at its own size before the resize, as InternVL's transform treats a video
+    frame (JPEG, then Resize to S x S); an image's tiles are re-compressed after the cut (its
+    transform runs on the tiles)."""
 
 
 class ImageDecodeError(ValueError):
@@ -150,19 +160,23 @@ class ImageTiler:
         self.device = torch.device("cpu" if cfg.device_id is None else f"cuda:{cfg.device_id}")
         self.resize_in_dali = _resize_in_dali(cfg)
         self.rebuilds = 0
-        self._pool: ThreadPoolExecutor | None = None
         # Host resizing: two pipelines take turns, so DALI decodes batch k+1 while the host
         # threads work on batch k (whose zero-copy outputs stay valid until its pipeline reruns).
         count = 1 if self.resize_in_dali else 2
         self.pipes = [build_tiler_pipeline(cfg) for _ in range(count)]
         self._inflight: list[list[Future]] = [[] for _ in range(count)]
         self._local = threading.local()  # per host thread: its re-compression pipeline
-        if not self.resize_in_dali:
-            self._pool = ThreadPoolExecutor(cfg.num_threads, thread_name_prefix="tiler")
+        # Host threads: every resize on the CPU, and decoded frames with a GPU too.
+        self._pool = ThreadPoolExecutor(cfg.num_threads, thread_name_prefix="tiler")
 
-    def grid(self, data: bytes, max_num: int) -> Grid:
-        """The InternVL grid of one encoded image under a tile cap."""
-        width, height = header_size(data)
+    def grid(self, data: bytes | np.ndarray, max_num: int) -> Grid:
+        """The InternVL grid of one image (encoded: from its header) under a tile cap."""
+        if isinstance(data, np.ndarray):
+            if data.ndim != 3 or data.shape[2] != 3 or data.dtype != np.uint8:
+                raise ValueError(f"a decoded image must be uint8 [H, W, 3], not {data.shape}")
+            height, width = data.shape[:2]
+        else:
+            width, height = header_size(data)
         return choose_grid(width, height, self.cfg.min_num, max_num, self.cfg.image_size)
 
     def tile(self, jobs: Sequence[ImageJob]) -> list[torch.Tensor | ImageDecodeError]:
@@ -182,8 +196,19 @@ class ImageTiler:
                 grids.append(self.grid(job.data, job.max_num))
             except Exception as error:  # PIL raises many types for bad headers
                 grids.append(ImageDecodeError(offset + i, f"unreadable image header: {error}"))
-        good = [i for i, g in enumerate(grids) if not isinstance(g, ImageDecodeError)]
         results: list = list(grids)
+        good = []
+        for i, grid in enumerate(grids):
+            if isinstance(grid, ImageDecodeError):
+                continue
+            if isinstance(jobs[i].data, np.ndarray):  # decoded: straight to a host thread
+                results[i] = self._submit(jobs[i].data, grid, jobs[i])
+            elif jobs[i].video_frame and self.resize_in_dali:
+                # DALI's graph compresses after its resize: a frame member is decoded here.
+                with Image.open(io.BytesIO(jobs[i].data)) as image:
+                    results[i] = self._submit(np.asarray(image.convert("RGB")), grid, jobs[i])
+            else:
+                good.append(i)
         if not good:
             return results
         try:
@@ -210,9 +235,10 @@ class ImageTiler:
         self.pipes[pipe] = build_tiler_pipeline(self.cfg)
 
     def _distort_tiles(self, tiles_u8: np.ndarray, quality: int) -> None:
-        """JPEG re-compression of each tile, in place, by this host thread's own DALI pipeline:
-        one run per image, inside the image's task (no batch barrier), and DALI releases the
-        GIL while it encodes (PIL's JPEG encoder holds it: measured, it serialised the threads).
+        """JPEG re-compression of each tile (or of a frame: a batch of one), in place, by this
+        host thread's own DALI pipeline: one run per image, inside the image's task (no batch
+        barrier), and DALI releases the GIL while it encodes (PIL's JPEG encoder holds it:
+        measured, it serialised the threads).
         """
         pipe = getattr(self._local, "distort", None)
         if pipe is None:
@@ -259,25 +285,30 @@ class ImageTiler:
             out.append(cut_tiles(as_torch(grid_hwc[i], self.device), thumb, grid, size))
         return out
 
+    def _tile_on_host(self, image_hwc: np.ndarray, grid: Grid, job: ImageJob) -> torch.Tensor:
+        """tiles_u8 of a decoded image: resizes, tile cut and re-compression on this thread."""
+        jpeg = self.cfg.jpeg_quality is not None
+        if jpeg and job.video_frame:
+            image_hwc = image_hwc.copy()  # not the decoder's buffer
+            self._distort_tiles(image_hwc[None], job.quality)
+        tiles_u8 = tile_image(
+            torch.from_numpy(image_hwc), grid, self.cfg.image_size, self._thumb(grid)
+        )
+        if jpeg and not job.video_frame:
+            self._distort_tiles(tiles_u8.numpy(), job.quality)
+        return tiles_u8 if self.device.type == "cpu" else tiles_u8.to(self.device)
+
+    def _submit(self, image_hwc: np.ndarray, grid: Grid, job: ImageJob) -> Future:
+        return self._pool.submit(self._tile_on_host, image_hwc, grid, job)
+
     def _resize_on_host(
         self, decoded, jobs: Sequence[ImageJob], grids: Sequence[Grid]
     ) -> list[Future]:
-        size = self.cfg.image_size
-        jpeg = self.cfg.jpeg_quality is not None
-
-        def task(i: int) -> torch.Tensor:
-            # A zero-copy view of DALI's output: used before the pipeline runs again.
-            image = torch.from_numpy(np.asarray(decoded[i]))
-            tiles_u8 = tile_image(image, grids[i], size, self._thumb(grids[i]))
-            if jpeg:
-                self._distort_tiles(tiles_u8.numpy(), jobs[i].quality)
-            return tiles_u8
-
         # One task per image, largest grids first: the threads then finish together (the last
-        # task is a short one).
+        # task is a short one). The arrays are zero-copy views of DALI's outputs: used before
+        # the pipeline runs again (`_inflight`).
         order = sorted(range(len(grids)), key=lambda i: -grids[i][0] * grids[i][1])
-        assert self._pool is not None
         futures: list = [None] * len(grids)
         for i in order:
-            futures[i] = self._pool.submit(task, i)
+            futures[i] = self._submit(np.asarray(decoded[i]), grids[i], jobs[i])
         return futures

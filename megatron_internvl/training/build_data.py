@@ -139,6 +139,7 @@ def data_source(
     """This data-parallel rank's source of micro-batches (shards or synthetic rows), with state."""
     if cfg.data.source == "shards":
         from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, shard_list
+        from megatron_internvl.data.samples import video_frame_ranges
         from megatron_internvl.training.run_dir import shard_set_name
 
         weights = cfg.data.weights or [1.0] * len(cfg.data.shards)
@@ -146,9 +147,10 @@ def data_source(
             raise ValueError(
                 f"data.weights has {len(weights)} entries for {len(cfg.data.shards)} shard sets"
             )
+        frames = video_frame_ranges(cfg.data.video_frames, len(cfg.data.shards))
         datasets = [
-            DatasetSpec(name=shard_set_name(path), shards=shard_list([path]), weight=weight)
-            for path, weight in zip(cfg.data.shards, weights, strict=True)
+            DatasetSpec(shard_set_name(path), shard_list([path]), weight, video_frames)
+            for path, weight, video_frames in zip(cfg.data.shards, weights, frames, strict=True)
         ]
         settings = loader_config(cfg, spec)
         if cfg.data.balance:
