@@ -57,8 +57,18 @@ class BalancedLoader(InternVLLoader):
         super().__init__(datasets, tokenizer, cfg, dp_rank, dp_size)
         self.rows_per_rank = rows_per_rank
         self.mixture = np.random.default_rng([cfg.seed])  # the same draws on every rank
-        settings = MetaSettings(
-            sample=cfg.sample,
+        self.meta = [  # each dataset's own sample config (its video frame range)
+            [m for shard in spec.shards for m in shard_meta(shard, self._settings(d), tokenizer)]
+            for d, spec in enumerate(datasets)
+        ]
+        sizes = (dp_size, rows_per_rank, cfg.seq_length, cfg.max_tiles_per_row)
+        self.dealer = StepDeal(cost, *sizes)
+
+    def _settings(self, dataset: int) -> MetaSettings:
+        """What dataset `dataset`'s tile and token counts depend on."""
+        cfg = self.cfg
+        return MetaSettings(
+            sample=self.sample_configs[dataset],
             image_size=cfg.tiler.image_size,
             max_tiles_per_image=cfg.tiler.max_num,
             min_tiles=cfg.tiler.min_num,
@@ -67,12 +77,6 @@ class BalancedLoader(InternVLLoader):
             system_prompt=cfg.system_prompt,
             add_bos=cfg.add_bos,
         )
-        self.meta = [
-            [m for shard in spec.shards for m in shard_meta(shard, settings, tokenizer)]
-            for spec in datasets
-        ]
-        sizes = (dp_size, rows_per_rank, cfg.seq_length, cfg.max_tiles_per_row)
-        self.dealer = StepDeal(cost, *sizes)
 
     def _order(self, dataset: int, epoch: int) -> np.ndarray:
         """The whole epoch order (every rank reads the same global stream)."""
@@ -155,7 +159,7 @@ class BalancedLoader(InternVLLoader):
 
     def collate(self, rows: Sequence[PackedRow]) -> dict[str, Any]:
         """`InternVLLoader.collate`, with the step's balance figures (`balance`) for the logs."""
-        batch = InternVLLoader.collate(rows)
+        batch = super().collate(rows)
         batch["balance"] = getattr(rows, "balance", None)
         return batch
 
