@@ -92,6 +92,11 @@ def test_info_is_hydras(tmp_path):
         ),
         (
             "megatron_internvl.train",
+            ["recipe=internvl2_5_8b_stage2", "stage=1"],
+            "Config group override must be a string or a list. Got int: a config group option",
+        ),
+        (
+            "megatron_internvl.train",
             ["train.steps=many"],
             "train.steps: Value 'many' of type 'str' could not be converted to Integer",
         ),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from megatron.core import parallel_state
 
 from megatron_internvl.models.registry import get_spec
@@ -155,3 +156,22 @@ def test_plan_cli_choices_are_valid_recipes():
     assert len(peaks) == 4 and all(peak <= 80 for peak in peaks[:3]), out
     refused = out.split("refused ")[1]
     assert "TP crosses nodes" in refused and "over 80 GB" in refused, out
+
+
+PLAN_CLI = [sys.executable, str(REPO / "tools" / "plan.py"), "--gpu-memory-gb", "80"]
+
+
+@pytest.mark.parametrize(("size", "gpus"), [("26b", 512), ("38b", 512), ("78b", 1024)])
+def test_shipped_large_recipes_fit_by_the_planners_model(size, gpus):
+    """The shipped 26B/38B/78B stage-2 layouts fit 80 GB by the planner's own memory model
+    (with model.recompute=full they did not: stage 0 kept the ViT's activations in flight)."""
+    result = subprocess.run(
+        [*PLAN_CLI, "--model", f"internvl2_5_{size}", "--gpus", str(gpus), "--top", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    shipped = result.stdout.split("Shipped recipe")[1].split("refused")[0]
+    assert "recompute=full+vit" in shipped and "    fits in 80 GB" in shipped, shipped

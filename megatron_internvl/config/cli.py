@@ -54,6 +54,13 @@ def compose_run_config(overrides: list[str]) -> Any:
         return load_run_config(compose(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise explain_composition_error(error, schema_keys(RunConfig)) from None
+    except ValueError as error:  # Hydra's parser reads `stage=1` as the number 1, not a name
+        if "Config group override" not in str(error):
+            raise
+        raise ConfigError(
+            f"{error}: a config group option that reads as a number needs quotes, e.g. "
+            "stage=\"'1'\" (or choose the stage by its recipe: recipe=<scale>_stage1)"
+        ) from None
 
 
 def check_runnable(cfg: Any, world_size: int | None = None) -> None:
