@@ -8,8 +8,9 @@ snapshot of the last batch handed out. Resuming from it yields exactly the batch
 not consumed, prefetched or not.
 
 A loader with `next_rows()` and a `collate(rows)` safe on another thread (`InternVLLoader`)
-gets a second thread for `collate`: the float images of one micro-batch (~1 ms per tile on a CPU, mostly
-page faults of the fresh tensor) are built while the first thread tiles the next samples.
+gets a second thread for `collate`: the float images of one micro-batch (~1 ms per tile on a
+CPU, mostly page faults of the fresh tensor) are built while the first thread tiles the next
+samples.
 """
 
 from __future__ import annotations
