@@ -158,6 +158,7 @@ def isoflop_curves(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) 
                 markeredgecolor="black",
             )
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter("")  # minor labels (3x10^4, 4x10^4, ...) overlap
     left.set_xlabel(f"N: {fit.get('params_name', 'non-embedding parameters')}")
     left.set_ylabel(_quantity(fit))
     left.set_title(f"IsoFLOP curves of {_quantity(fit)} (star: fitted minimum)")
