@@ -13,8 +13,9 @@ this fails when data, FLOPs or fitting regress:
   `isoflop.budgets[*].status` turns to "minimum outside the sampled sizes".
 - FLOPs: a point's steps are its budget over the planned FLOPs per step. Counting those 4x too
   high (exactly what the plan did with train.micro_batch=4 before it counted a micro-batch as
-  4 rows) runs every point at a quarter of its budget: checked by hand, the budgets 4x lower
-  move the minima to the smallest size at the low budgets (see the README's sweep section).
+  4 rows) runs every point at a quarter of its budget. Checked by hand: this recipe at budgets
+  3.75e10/7.5e10/1.5e11 (a quarter of its own) has its minimum inside the sizes at 1.5e11 only;
+  at the two lower budgets it lies below the smallest model, and no N_opt ~ C^a law is fitted.
   Counting too low moves them up and the steps, tokens and FLOPs this test cross-checks in
   results.csv stop adding up.
 - Fitting: the minima, the exponents' intervals and the held-out error are read from fit.json,
