@@ -81,7 +81,7 @@ def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path)
         {r["model"] for r in used}, key=lambda m: next(r["N_fit"] for r in used if r["model"] == m)
     )
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(models), 1)))
-    vit_varies = len({r.get("n_vision") for r in used}) > 1
+    vit_varies = len({(r["vit_layers"], r["vit_hidden"]) for r in used}) > 1
     for model, color in zip(models, colors, strict=True):
         pts = sorted((r["flops"], r[loss_key]) for r in used if r["model"] == model)
         first = next(r for r in used if r["model"] == model)
