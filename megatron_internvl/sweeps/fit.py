@@ -322,6 +322,15 @@ def _unidentified(
             elif spread > limit:
                 reasons[key] = "bootstrap interval spans more than the data can pin down"
     for j, name in enumerate(names):
+        if len(boot) >= 10 and np.percentile(boot[:, 2 + 2 * j], 2.5) <= 1e-3 * ALPHA_BOUNDS[1]:
+            # An exponent that may be 0 makes the term a constant: the loss need not fall
+            # with this quantity at all, and the term trades off against E.
+            for key in (f"A_{name}", f"alpha_{name}"):
+                reasons.setdefault(
+                    key,
+                    f"alpha_{name}'s interval reaches 0: the {name} term cannot be told from "
+                    f"a constant (the loss need not change with {name} over the sizes run)",
+                )
         share = np.exp(params[1 + 2 * j] - params[2 + 2 * j] * log_x[:, j]) / loss
         if share.max() < 1e-2:
             for key in (f"A_{name}", f"alpha_{name}"):
