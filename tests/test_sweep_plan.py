@@ -214,3 +214,31 @@ def test_the_readme_cluster_commands_run_as_written_and_write_nothing(tmp_path):
         shown = run(*command, "--help")
         assert shown.returncode == 0, shown.stderr[-2000:]
         assert "usage" in shown.stdout.lower() and "cpu_scaling" in shown.stdout
+
+
+def test_planned_compute_does_not_depend_on_how_a_step_splits_into_micro_batches(tmp_path):
+    """The loader hands out micro-batches of train.micro_batch rows flattened into one: a plan
+    that took one for a row would count a 4-row micro-batch's FLOPs once per row (4x the
+    compute, 1/4 of the steps). The same 4 rows drawn as 4 micro-batches of 1 or one of 4 must
+    plan the same steps and FLOPs."""
+
+    def plan(micro_batch: int, sample_rows: int):
+        overrides = SYNTHETIC[1][: -len("]")] + f",'train.micro_batch={micro_batch}']"
+        cfg = compose_sweep(
+            "cpu_mini",
+            [
+                SYNTHETIC[0],
+                overrides,
+                f"flops.sample_rows={sample_rows}",
+                f"output_dir={tmp_path / str(micro_batch)}",
+                "models.llm.depth=[0.5,1]",
+                "budgets=[2e10]",
+            ],
+        )
+        return build_plan(cfg)
+
+    one, four = plan(1, 4), plan(4, 1)
+    assert four.data["rows"] == one.data["rows"] == 4
+    assert [(p.id, p.steps) for p in four.points] == [(p.id, p.steps) for p in one.points]
+    for a, b in zip(one.points, four.points, strict=True):
+        assert b.flops == pytest.approx(a.flops, rel=1e-9)

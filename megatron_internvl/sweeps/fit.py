@@ -264,6 +264,8 @@ def fit_parametric(
             parents = [r for key, r in reasons.items() if key in ("alpha_N", "alpha_D")]
             if parents:
                 reasons[derived] = "follows from alpha_N and alpha_D: " + "; ".join(parents)
+            elif (why := _not_6nd(compute, x)) is not None:
+                reasons[derived] = why
     result["constants"] = {
         key: {**asdict(value), "identifiable": key not in reasons, "reason": reasons.get(key)}
         for key, value in constants.items()
@@ -274,6 +276,21 @@ def fit_parametric(
         )
     result["params"] = [float(p) for p in params]
     return result
+
+
+def _not_6nd(compute: Sequence[float] | None, x: np.ndarray) -> str | None:
+    """Why C ~ 6ND (which the law's compute-optimal exponents assume) does not hold for these
+    points, or None. Tiny models spend most FLOPs outside N (a fixed ViT, the output layer
+    over a vocabulary, attention): then the IsoFLOP exponents are the ones to read."""
+    if compute is None:
+        return None
+    ratio = np.asarray(compute, float) / (6 * x[:, 0] * x[:, 1])
+    if ratio.max() / ratio.min() <= 1.5:
+        return None
+    return (
+        f"assumes C ~ 6ND, but these points spend {ratio.min():.2g}-{ratio.max():.2g} x 6ND "
+        "(FLOPs outside N): read the IsoFLOP exponents"
+    )
 
 
 def _unidentified(
@@ -305,6 +322,15 @@ def _unidentified(
             elif spread > limit:
                 reasons[key] = "bootstrap interval spans more than the data can pin down"
     for j, name in enumerate(names):
+        if len(boot) >= 10 and np.percentile(boot[:, 2 + 2 * j], 2.5) <= 1e-3 * ALPHA_BOUNDS[1]:
+            # An exponent that may be 0 makes the term a constant: the loss need not fall
+            # with this quantity at all, and the term trades off against E.
+            for key in (f"A_{name}", f"alpha_{name}"):
+                reasons.setdefault(
+                    key,
+                    f"alpha_{name}'s interval reaches 0: the {name} term cannot be told from "
+                    f"a constant (the loss need not change with {name} over the sizes run)",
+                )
         share = np.exp(params[1 + 2 * j] - params[2 + 2 * j] * log_x[:, j]) / loss
         if share.max() < 1e-2:
             for key in (f"A_{name}", f"alpha_{name}"):

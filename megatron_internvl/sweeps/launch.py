@@ -9,7 +9,9 @@ or never-started point runs on the next launch, and `only` runs one point alone.
 from __future__ import annotations
 
 import json
+import math
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -70,53 +72,112 @@ def select(
 
 
 def point_command(point_dir: Path, nproc: int) -> list[str]:
+    """The command that trains one point alone on `nproc` local ranks."""
+    return worker_command([point_dir], nproc)
+
+
+def worker_command(point_dirs: list[Path], nproc: int, claims: Path | None = None) -> list[str]:
     torchrun = [sys.executable, "-m", "megatron_internvl.launch.local", "--standalone"]
-    return [*torchrun, "--nproc-per-node", str(nproc), "-m", POINT_MODULE, str(point_dir)]
+    ours = [*(["--claims", str(claims)] if claims else []), *map(str, point_dirs)]
+    return [*torchrun, "--nproc-per-node", str(nproc), "-m", POINT_MODULE, *ours]
 
 
 def run_local(sweep: Path, points: list[dict[str, Any]], nproc: int, jobs: int) -> dict[str, int]:
-    """Run `points`, `jobs` at a time, each on `nproc` CPU/GPU ranks; returns exit codes by id.
-    Output of each goes to <point>/train.log."""
+    """Run `points` on `jobs` workers of `nproc` CPU/GPU ranks each; returns exit codes by id.
+    A worker trains point after point in one process (sweeps/point.py: the next point no
+    worker has claimed yet), so start-up is paid once per worker; a worker that ends on a
+    failed point is replaced while points are left. Output of each point goes to
+    <point>/train.log, a worker's own to <sweep>/logs/worker-<n>.log."""
     env = dict(os.environ)
-    # Concurrent points share the cores: one thread per rank unless the caller says otherwise.
+    # Concurrent workers share the cores: one thread per rank unless the caller says otherwise.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (jobs * nproc))))
-    queue = list(points)
-    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    dirs = {p["id"]: (sweep / "points" / p["id"]).resolve() for p in points}
+    for point_dir in dirs.values():  # a marker of an earlier attempt is not this one's result
+        (point_dir / FAILED).unlink(missing_ok=True)
+    claims = sweep / "logs" / f"claims-{os.getpid()}-{time.time_ns()}"
+    claims.mkdir(parents=True)
+    interrupted = False
+    running: list[tuple[subprocess.Popen, Any]] = []
     codes: dict[str, int] = {}
-    total = len(points)
-    while queue or running:
-        while queue and len(running) < jobs:
-            point = queue.pop(0)
-            point_dir = sweep / "points" / point["id"]
-            log = (point_dir / "train.log").open("a")
-            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} launch\n")
-            log.flush()
-            proc = subprocess.Popen(
-                point_command(point_dir.resolve(), nproc),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C reaches us; we stop the points we started
-            )
-            running[point["id"]] = (proc, time.time(), log)
-            print(f"started  {point['id']}", flush=True)
-        time.sleep(0.2)
-        for point_id, (proc, started, log) in list(running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            log.close()
-            del running[point_id]
-            codes[point_id] = code
-            point_dir = sweep / "points" / point_id
-            _settle_markers(point_dir, code)
-            state = point_status(point_dir)
-            print(
-                f"{state:8s} {point_id} in {time.time() - started:.1f} s "
-                f"({len(codes)}/{total}){'' if code == 0 else f'; see {point_dir}/train.log'}",
-                flush=True,
-            )
+    cpu_total, began, started = 0.0, time.time(), 0
+    try:
+        while True:
+            free = [i for i in dirs if not (claims / i).exists()]
+            while free and not interrupted and len(running) < min(jobs, len(free)):
+                started += 1
+                log = (sweep / "logs" / f"worker-{started}.log").open("a")
+                command = worker_command(list(dirs.values()), nproc, claims)
+                # A session of its own: Ctrl-C reaches us; we stop the workers we started.
+                proc = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+                running.append((proc, log))
+            time.sleep(0.2)
+            _report_finished(dirs, claims, codes, len(points))
+            for proc, log in list(running):
+                before = _children_cpu_s()
+                code = proc.poll()
+                if code is None:
+                    continue
+                # Reaping is sequential: the delta is this worker's whole process tree.
+                cpu_total += _children_cpu_s() - before
+                log.close()
+                running.remove((proc, log))
+                interrupted |= _settle_worker(dirs, claims, codes, code)
+            if not running and (interrupted or all((claims / i).exists() for i in dirs)):
+                break
+        _report_finished(dirs, claims, codes, len(points))
+    finally:
+        shutil.rmtree(claims, ignore_errors=True)
+    if codes:
+        elapsed = time.time() - began
+        print(
+            f"{len(codes)} points in {elapsed:.1f} s, cpu {cpu_total:.1f} s "
+            f"({started} worker process(es), start-up included)",
+            flush=True,
+        )
     return codes
+
+
+def _report_finished(
+    dirs: dict[str, Path], claims: Path, codes: dict[str, int], total: int
+) -> None:
+    """Print each claimed point once its marker appears: its wall and CPU time."""
+    for point_id, point_dir in dirs.items():
+        if point_id in codes or not (claims / point_id).exists():
+            continue
+        state = point_status(point_dir)
+        if state not in ("done", "failed"):
+            continue
+        codes[point_id] = 0 if state == "done" else 1
+        times = ""
+        if state == "done":
+            record = json.loads((point_dir / DONE).read_text())
+            times = f" in {record['wall_s']:.1f} s (cpu {record.get('cpu_s', math.nan):.1f} s)"
+        tail = "" if state == "done" else f"; see {point_dir}/train.log"
+        print(f"{state:8s} {point_id}{times} ({len(codes)}/{total}){tail}", flush=True)
+
+
+def _settle_worker(dirs: dict[str, Path], claims: Path, codes: dict[str, int], code: int) -> bool:
+    """After a worker exits, the point it was in (claimed, no marker) is FAILED, unless a signal
+    stopped it (REQUEUE_EXIT_CODE: resumable; returns True: start no more workers)."""
+    from megatron_internvl.training.signals import REQUEUE_EXIT_CODE
+
+    for point_id, point_dir in dirs.items():
+        if point_id in codes or not (claims / point_id).exists():
+            continue
+        if point_status(point_dir) in ("started", "pending"):
+            if code == REQUEUE_EXIT_CODE:
+                codes[point_id] = code
+                print(f"stopped  {point_id} by a signal; launch again to resume", flush=True)
+            else:
+                _settle_markers(point_dir, code)
+    return code == REQUEUE_EXIT_CODE
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _settle_markers(point_dir: Path, code: int) -> None:
@@ -126,7 +187,8 @@ def _settle_markers(point_dir: Path, code: int) -> None:
     if code == 0 and not (point_dir / DONE).is_file():
         (point_dir / FAILED).write_text(json.dumps({"error": "exited 0 without a DONE marker"}))
     elif code not in (0, REQUEUE_EXIT_CODE) and not (point_dir / FAILED).is_file():
-        tail = (point_dir / "train.log").read_text()[-4000:]
+        log = point_dir / "train.log"
+        tail = log.read_text()[-4000:] if log.is_file() else "(no train.log)"
         (point_dir / FAILED).write_text(json.dumps({"exit_code": code, "log_tail": tail}))
 
 

@@ -164,12 +164,14 @@ def build_plan(cfg: SweepConfig) -> Plan:
     rows = _sample_rows(
         base, fit_spec_to_tokenizer(base_spec, tokenizer), tokenizer, cfg.flops.sample_rows
     )
+    # The loader hands out micro-batches: train.micro_batch rows flattened into one.
+    packed_rows = len(rows) * base.train.micro_batch
     tiles = [0 if r.get("images") is None else r["images"].size(0) for r in rows]
     samples = [len(r["cu_seqlens"]) - 1 for r in rows]
     data = {
-        "rows": len(rows),
-        "mean_tiles_per_row": sum(tiles) / len(rows),
-        "mean_samples_per_row": sum(samples) / len(rows),
+        "rows": packed_rows,
+        "mean_tiles_per_row": sum(tiles) / packed_rows,
+        "mean_samples_per_row": sum(samples) / packed_rows,
         "seq_length": base.data.seq_length,
         "global_batch": base.train.global_batch,
     }
@@ -183,7 +185,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
                 base_spec, scale.vit_depth, scale.vit_width, scale.llm_depth, scale.llm_width
             )
             fitted = fit_spec_to_tokenizer(spec, tokenizer)
-            row_flops = step_flops(fitted, rows, base.train.stage) / len(rows)
+            row_flops = step_flops(fitted, rows, base.train.stage) / packed_rows
             models.append((scale, spec, row_flops, scaling_parameter_counts(fitted)))
 
     out = points_dir(cfg)

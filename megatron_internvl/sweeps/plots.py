@@ -81,15 +81,19 @@ def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path)
         {r["model"] for r in used}, key=lambda m: next(r["N_fit"] for r in used if r["model"] == m)
     )
     colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(models), 1)))
+    vit_varies = len({(r["vit_layers"], r["vit_hidden"]) for r in used}) > 1
     for model, color in zip(models, colors, strict=True):
         pts = sorted((r["flops"], r[loss_key]) for r in used if r["model"] == model)
-        n = next(r["N_fit"] for r in used if r["model"] == model)
+        first = next(r for r in used if r["model"] == model)
+        size = f"N={_fmt_params(first['N_fit'])}"
+        if vit_varies:  # N may count the LLM only: name the ViT's share too
+            size += f", ViT {_fmt_params(first['n_vision'])}"
         ax.plot(
             *zip(*pts, strict=True),
             "o-",
             color=color,
             alpha=0.8,
-            label=f"{model} (N={_fmt_params(n)})",
+            label=f"{model} ({size})",
         )
     # The frontier: the lower envelope of all points (best loss reached at <= this compute).
     ordered = sorted((r["flops"], r[loss_key]) for r in used)
@@ -114,7 +118,8 @@ def loss_vs_compute(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path)
         c = np.geomspace(min(r["flops"] for r in used), max(r["flops"] for r in used) * 2, 100)
         a, alpha = law["A"]["value"], law["alpha"]["value"]
         ax.plot(c, a * c**-alpha, "--", color="crimson",
-                label=f"fit L = A C^-α, α = {_estimate(law['alpha'])} (95%)")  # fmt: skip
+                label=f"fit L = A C^-α, α = {_estimate(law['alpha'])}"
+                + ("" if math.isnan(law["alpha"].get("low", math.nan)) else " (95%)"))  # fmt: skip
     else:
         _note(ax, f"no compute law: {law.get('status', 'not fitted')}")
     ax.set_xscale("log")
@@ -158,6 +163,7 @@ def isoflop_curves(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) 
                 markeredgecolor="black",
             )
     left.set_xscale("log")
+    left.xaxis.set_minor_formatter("")  # minor labels (3x10^4, 4x10^4, ...) overlap
     left.set_xlabel(f"N: {fit.get('params_name', 'non-embedding parameters')}")
     left.set_ylabel(_quantity(fit))
     left.set_title(f"IsoFLOP curves of {_quantity(fit)} (star: fitted minimum)")
@@ -193,11 +199,15 @@ def _optimal_panel(ax: Any, iso: dict[str, Any]) -> None:
                     ax.fill_between(grid, np.minimum(*lines), np.maximum(*lines),
                                     color=color, alpha=0.15)  # fmt: skip
         else:
-            _note(ax, f"no power law: {iso.get('status')}")
+            _note(ax, f"no N_opt ~ C^a fitted ({iso.get('status')})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.xaxis.set_minor_formatter("")  # decade labels only: minor labels overlap
+    if not ok:  # nothing plotted: no scale to read (after set_xscale, which resets ticks)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.minorticks_off()
     ax.set_ylabel("compute-optimal N or D")
     ax.set_title("Compute-optimal model size and tokens")
     _decorate(ax, 8)
