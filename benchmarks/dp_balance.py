@@ -138,20 +138,27 @@ def simulate(dp: int, args: argparse.Namespace, model: CostModel) -> dict[str, f
         bound.append(max(1.0, lower_bound(samples, model, rows, args) / mean))
         left += len(deal.left_over)
         count += len(samples)
+    return {
+        **_summary(dp, rows, count, before, after, seconds, args.steps),
+        "bound": float(np.mean(bound)),
+        "bound_worst": max(bound),
+        "left_over": left / args.steps,
+    }
+
+
+def _summary(dp, rows, count, before, after, seconds, steps) -> dict[str, float]:
+    """Per-step averages of one simulation: max/mean rank cost before and after the deal."""
     b, a = float(np.mean(before)), float(np.mean(after))
     return {
         "dp": dp,
         "rows": rows,
-        "samples": count / args.steps,
+        "samples": count / steps,
         "before": b,
         "before_worst": max(before),
         "after": a,
         "after_worst": max(after),
-        "bound": float(np.mean(bound)),
-        "bound_worst": max(bound),
         "gain": b / a,
-        "left_over": left / args.steps,
-        "ms": 1000 * seconds / args.steps,
+        "ms": 1000 * seconds / steps,
     }
 
 
@@ -169,19 +176,9 @@ def simulate_loader(dp: int, rows: int, args: argparse.Namespace, model: CostMod
         before.append(dealer.figures["stream_max_over_mean"])
         after.append(dealer.figures["max_over_mean"])
         count += len(taken)
-    b, a = float(np.mean(before)), float(np.mean(after))
-    return {
-        "dp": dp,
-        "rows": rows,
-        "samples": count / args.steps,
-        "before": b,
-        "before_worst": max(before),
-        "after": a,
-        "after_worst": max(after),
-        "gain": b / a,
-        "fallbacks": dealer.fallbacks,
-        "ms": 1000 * (time.perf_counter() - start) / args.steps,
-    }
+    seconds = time.perf_counter() - start
+    summary = _summary(dp, rows, count, before, after, seconds, args.steps)
+    return {**summary, "fallbacks": dealer.fallbacks}
 
 
 def print_loader_rows(settings: list[tuple[int, int]], args, model) -> None:
