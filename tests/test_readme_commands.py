@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 BUILD_DEMO = "python tools/build_shards.py --demo --out runs/demo_shards"
+LAYOUTS = ("mixed", "caption", "video")  # data_throughput's shard layouts
 RUN_HERE = {  # README command -> mark (None: must pass)
     BUILD_DEMO: None,
     "python tools/validate_shards.py shards/ [--clean-dir clean/] [--fix-index]": None,
@@ -28,6 +29,7 @@ RUN_HERE = {  # README command -> mark (None: must pass)
     "python tools/sweep.py launch isoflop --dry-run": None,
     "python tools/plan.py --model internvl2_5_78b --gpus 1024 --gpu-memory-gb 80 "
     "[--seq-length N] [--future]": None,
+    **{f"python benchmarks/data_throughput.py --layout {layout}": None for layout in LAYOUTS},
 }
 COVERED_ELSEWHERE = {
     "scripts/demo.sh": "tests/test_demo.py",
@@ -56,6 +58,8 @@ COVERED_ELSEWHERE = {
     "python tools/sweep.py run cpu_scaling": "a 12-point sweep of minutes to tens of minutes on "
     "2 cores; the fit and report code it runs: tests/test_sweep_fit.py, tests/test_sweep_cpu.py",
     "python tools/sweep.py run cpu_synthetic": "as cpu_scaling",
+    "python tools/sweep.py run cpu_joint": "a 12-point sweep of ~7 minutes on 2 cores; its fit's "
+    "non-identifiable vision term: tests/test_sweep_fit.py",
     "python tools/sweep.py run cpu_mini": "tests/test_sweep_cpu.py",
     "python tools/sweep.py status cpu_mini": "after `run cpu_mini`; tests/test_sweep_cpu.py",
     "python tools/sweep.py launch cpu_mini --only C4e10-vit2x32_llm2x64": "tests/test_sweep_cpu.py",
@@ -70,6 +74,12 @@ AS_RUN = {
     "[--seq-length N] [--future]": (
         "python tools/plan.py --model internvl2_5_78b --gpus 1024 --gpu-memory-gb 80 --future"
     ),
+    **{  # a benchmark of minutes, run here on a few samples
+        f"python benchmarks/data_throughput.py --layout {layout}": (
+            f"python benchmarks/data_throughput.py --layout {layout} --samples 16 --repeats 1"
+        )
+        for layout in LAYOUTS
+    },
 }
 
 
@@ -96,7 +106,7 @@ def test_every_readme_command_is_run_or_covered():
 def fresh_checkout(tmp_path_factory) -> Path:
     """A working directory that looks like the repository root, writing only under tmp."""
     work = tmp_path_factory.mktemp("readme")
-    for name in ("tools", "demo", "recipes", "slurm", "scripts", "megatron_internvl"):
+    for name in ("tools", "benchmarks", "demo", "recipes", "slurm", "scripts", "megatron_internvl"):
         (work / name).symlink_to(ROOT / name)
     return work
 
