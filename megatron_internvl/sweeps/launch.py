@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_internvl.sweeps.config import SweepError
-from megatron_internvl.sweeps.point import DONE, FAILED
+from megatron_internvl.sweeps.point import DONE, FAILED, WORKER_ENV
 
 POINT_MODULE = "megatron_internvl.sweeps.point"
 
@@ -97,7 +97,7 @@ def run_local(sweep: Path, points: list[dict[str, Any]], nproc: int, jobs: int) 
     claims = sweep / "logs" / f"claims-{os.getpid()}-{time.time_ns()}"
     claims.mkdir(parents=True)
     interrupted = False
-    running: list[tuple[subprocess.Popen, Any]] = []
+    running: list[tuple[subprocess.Popen, Any, str]] = []
     codes: dict[str, int] = {}
     cpu_total, began, started = 0.0, time.time(), 0
     try:
@@ -108,13 +108,18 @@ def run_local(sweep: Path, points: list[dict[str, Any]], nproc: int, jobs: int) 
                 log = (sweep / "logs" / f"worker-{started}.log").open("a")
                 command = worker_command(list(dirs.values()), nproc, claims)
                 # A session of its own: Ctrl-C reaches us; we stop the workers we started.
+                worker = str(started)
                 proc = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**env, WORKER_ENV: worker},
+                    start_new_session=True,
                 )
-                running.append((proc, log))
+                running.append((proc, log, worker))
             time.sleep(0.2)
             _report_finished(dirs, claims, codes, len(points))
-            for proc, log in list(running):
+            for proc, log, worker in list(running):
                 before = _children_cpu_s()
                 code = proc.poll()
                 if code is None:
@@ -122,8 +127,8 @@ def run_local(sweep: Path, points: list[dict[str, Any]], nproc: int, jobs: int) 
                 # Reaping is sequential: the delta is this worker's whole process tree.
                 cpu_total += _children_cpu_s() - before
                 log.close()
-                running.remove((proc, log))
-                interrupted |= _settle_worker(dirs, claims, codes, code)
+                running.remove((proc, log, worker))
+                interrupted |= _settle_worker(dirs, claims, codes, code, worker)
             if not running and (interrupted or all((claims / i).exists() for i in dirs)):
                 break
         _report_finished(dirs, claims, codes, len(points))
@@ -158,13 +163,17 @@ def _report_finished(
         print(f"{state:8s} {point_id}{times} ({len(codes)}/{total}){tail}", flush=True)
 
 
-def _settle_worker(dirs: dict[str, Path], claims: Path, codes: dict[str, int], code: int) -> bool:
-    """After a worker exits, the point it was in (claimed, no marker) is FAILED, unless a signal
-    stopped it (REQUEUE_EXIT_CODE: resumable; returns True: start no more workers)."""
+def _settle_worker(
+    dirs: dict[str, Path], claims: Path, codes: dict[str, int], code: int, worker: str
+) -> bool:
+    """After a worker exits, the point it was in (claimed by it, no marker) is FAILED, unless a
+    signal stopped it (REQUEUE_EXIT_CODE: resumable; returns True: start no more workers).
+    Points other workers claimed are still running: they are left alone."""
     from megatron_internvl.training.signals import REQUEUE_EXIT_CODE
 
     for point_id, point_dir in dirs.items():
-        if point_id in codes or not (claims / point_id).exists():
+        claim = claims / point_id
+        if point_id in codes or not claim.exists() or claim.read_text() != worker:
             continue
         if point_status(point_dir) in ("started", "pending"):
             if code == REQUEUE_EXIT_CODE:

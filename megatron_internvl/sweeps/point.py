@@ -29,6 +29,8 @@ import traceback
 from pathlib import Path
 
 DONE = "DONE"
+WORKER_ENV = "MEGATRON_INTERNVL_SWEEP_WORKER"
+"""Names the local launcher's worker process in the claims it makes."""
 FAILED = "FAILED"
 
 
@@ -68,11 +70,17 @@ def run_point(point_dir: Path) -> int:
 
 
 def _claim(claims: Path, point_dir: Path) -> bool:
+    """Claim a point for this worker; the claim names the worker (WORKER_ENV), so the launcher
+    settles only the points of a worker that exited, never another's running point."""
     try:
-        os.close(os.open(claims / point_dir.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
+        fd = os.open(claims / point_dir.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    try:
+        os.write(fd, os.environ.get(WORKER_ENV, "").encode())
+    finally:
+        os.close(fd)
+    return True
 
 
 def _next_point(claims: Path, candidates: list[Path]) -> Path | None:
