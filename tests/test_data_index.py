@@ -71,3 +71,12 @@ def test_data_paths_fail_with_one_line_that_says_what_to_do(tmp_path):
     bad.write_bytes(b"\0" * 1024)
     with pytest.raises(DataError, match=r"cannot index .*holds no sample"):
         ensure_index(bad)
+
+
+def test_building_a_missing_index_says_so_once(tmp_path, capsys):
+    shard, expected = a_shard(tmp_path)
+    ensure_index(shard)
+    ensure_index(shard)  # present now: nothing to say
+    out = capsys.readouterr().out
+    assert out.count("data: indexing") == 1 and shard in out, out
+    assert index_path(shard).read_text() == expected

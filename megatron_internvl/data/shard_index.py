@@ -173,8 +173,14 @@ def ensure_index(tar_path: str | os.PathLike, wait_s: float = LOCK_WAIT_S) -> Pa
     """The shard's index, built first when missing (by one process; the others wait)."""
     idx = index_path(tar_path)
     fix = f"build it with `python tools/validate_shards.py --fix-index {Path(tar_path).parent}`"
+
+    def index(path: Path) -> None:
+        size = Path(tar_path).stat().st_size / 2**20
+        print(f"data: indexing {tar_path} ({size:,.1f} MiB; no .idx beside it yet)", flush=True)
+        write_index(tar_path, path)
+
     try:
-        build_once(idx, lambda path: write_index(tar_path, path), f"the index {idx}", fix, wait_s)
+        build_once(idx, index, f"the index {idx}", fix, wait_s)
     except ValueError as error:
         raise DataError(
             f"data: cannot index {error}; check it with tools/validate_shards.py"
