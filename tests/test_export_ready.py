@@ -51,36 +51,88 @@ def demo_export(tmp_path_factory) -> Path:
     return out
 
 
-def _prompt_and_pixels(export: Path) -> tuple[dict, dict]:
-    """What InternVLProcessor makes of one image and a question, from the export's files."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
+    }
+]
 
-    image = Image.open(sorted(IMAGES.iterdir())[0]).convert("RGB")
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}],
-        }
-    ]
-    try:
-        import torchvision  # noqa: F401  (transformers' InternVL video processor needs it)
-    except ImportError:  # same files, same expansion as InternVLProcessor, by hand
-        pixels = AutoImageProcessor.from_pretrained(export, backend="pil")(
-            images=[image], return_tensors="pt"
-        )
-        tok = AutoTokenizer.from_pretrained(export)
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        per_tile = json.loads((export / "processor_config.json").read_text())["image_seq_length"]
-        tokens = tok.context_image_token * per_tile * pixels["pixel_values"].shape[0]
-        text = text.replace(
-            tok.context_image_token, tok.start_image_token + tokens + tok.end_image_token
-        )
-        return dict(tok(text, return_tensors="pt")), {"pixel_values": pixels["pixel_values"]}
-    processor = AutoProcessor.from_pretrained(export)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
-    pixels = {"pixel_values": inputs.pop("pixel_values")}
-    return dict(inputs), pixels
+
+def _demo_image() -> Image.Image:
+    return Image.open(sorted(IMAGES.iterdir())[0]).convert("RGB")
+
+
+def _prompt_and_pixels(export: Path) -> tuple[dict, dict]:
+    """What InternVLProcessor makes of one image and a question, expanded by hand from the
+    export's files (the image processor, the tokenizer's image tokens, the chat template)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    pixels = AutoImageProcessor.from_pretrained(export, backend="pil")(
+        images=[_demo_image()], return_tensors="pt"
+    )
+    tok = AutoTokenizer.from_pretrained(export)
+    text = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    per_tile = json.loads((export / "processor_config.json").read_text())["image_seq_length"]
+    tokens = tok.context_image_token * per_tile * pixels["pixel_values"].shape[0]
+    text = text.replace(
+        tok.context_image_token, tok.start_image_token + tokens + tok.end_image_token
+    )
+    return dict(tok(text, return_tensors="pt")), {"pixel_values": pixels["pixel_values"]}
+
+
+# Run by the torchvision side environment (scripts/setup_torchvision.sh): the user's path,
+# AutoProcessor + AutoModelForImageTextToText + generate, with what it made saved for comparison.
+_AUTOPROCESSOR = """
+import json, sys
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+export, image, messages, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+processor = AutoProcessor.from_pretrained(export)
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt")
+model = AutoModelForImageTextToText.from_pretrained(export).eval()
+with torch.no_grad():
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+save_file({"input_ids": inputs["input_ids"].contiguous(),
+           "pixel_values": inputs["pixel_values"].contiguous(),
+           "generated": generated.contiguous()}, out)
+print(type(processor).__name__, type(processor.image_processor).__name__)
+"""
+
+
+def _torchvision_python() -> Path | None:
+    side = Path(os.environ.get("TORCHVISION_VENV", ROOT / ".venv-torchvision"))
+    python = side / "bin" / "python"
+    return python if python.exists() else None
+
+
+def test_autoprocessor_loads_the_export_and_generates(demo_export, tmp_path):
+    python = _torchvision_python()
+    if python is None:
+        message = "no torchvision side environment: run scripts/setup_torchvision.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI's .ci/run builds it)")
+        pytest.skip(message)
+    image = sorted(IMAGES.iterdir())[0]
+    out = tmp_path / "autoprocessor.safetensors"
+    args = [str(demo_export), str(image), json.dumps(MESSAGES), str(out)]
+    result = subprocess.run(
+        [str(python), "-c", _AUTOPROCESSOR, *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[0] == "InternVLProcessor", result.stdout
+    made = load_file(out)
+    text, pixels = _prompt_and_pixels(demo_export)
+    # The processor expands the prompt exactly as the export's files say (tiles x tokens).
+    assert torch.equal(made["input_ids"], text["input_ids"])
+    # Its (fast, torchvision) image processor tiles like the PIL one; resampling differs a little.
+    assert made["pixel_values"].shape == pixels["pixel_values"].shape
+    assert (made["pixel_values"] - pixels["pixel_values"]).abs().mean() < 0.05
+    assert made["generated"].shape[1] == text["input_ids"].shape[1] + 4
 
 
 def test_the_export_loads_with_its_processor_and_generates(demo_export):

@@ -398,8 +398,9 @@ class InternVLLoader:
         return batch
 
     def close(self) -> None:
-        """Close the shard files this loader holds open."""
+        """Close the shard files this loader holds open and release its decoders."""
         self.reader.close()
+        self.tiler.close()
 
     @property
     def packing_stats(self) -> PackingStats:

@@ -169,6 +169,13 @@ class ImageTiler:
         # Host threads: every resize on the CPU, and decoded frames with a GPU too.
         self._pool = ThreadPoolExecutor(cfg.num_threads, thread_name_prefix="tiler")
 
+    def close(self) -> None:
+        """Stop the host threads and release the DALI pipelines now, not at interpreter exit
+        (DALI's worker threads torn down during finalisation can abort the process)."""
+        self._pool.shutdown(wait=True)
+        self.pipes.clear()
+        self._inflight = [[] for _ in self._inflight]
+
     def grid(self, data: bytes | np.ndarray, max_num: int) -> Grid:
         """The InternVL grid of one image (encoded: from its header) under a tile cap."""
         if isinstance(data, np.ndarray):

@@ -28,6 +28,7 @@ from megatron_internvl.config.schema import RunConfig
 from megatron_internvl.config.validate import layout_notes, validate
 from megatron_internvl.models.registry import InternVLSpec
 from megatron_internvl.parallel import runtime
+from megatron_internvl.parallel.layout import ParallelLayout
 from megatron_internvl.training.build_data import (  # noqa: F401 (public names of the loop)
     ShardSource,
     data_source,
@@ -88,6 +89,20 @@ def train(cfg: RunConfig) -> int:
     spec = fit_spec_to_tokenizer(resolved_spec(cfg), tokenizer)
     owns_world = not dist.is_initialized()  # a caller's world outlives this run
     runtime.initialize(layout, seed=cfg.train.seed)
+    try:
+        return _train_in_world(cfg, spec, layout, tokenizer, world)
+    finally:
+        # Also after an error: process groups and decoder threads left to interpreter exit
+        # can abort the process (SIGABRT) instead of exiting with the error's code.
+        if owns_world:
+            runtime.shutdown()
+        else:
+            parallel_state.destroy_model_parallel()
+
+
+def _train_in_world(
+    cfg: RunConfig, spec: InternVLSpec, layout: ParallelLayout, tokenizer: Any, world: int
+) -> int:
     claim_run_dir(cfg, spec)  # before anything is written: one run per directory
     if dist.get_rank() == 0:
         for note in layout_notes(cfg, world):
@@ -112,10 +127,6 @@ def train(cfg: RunConfig) -> int:
                 run.save()
     finally:
         run.close()
-    if owns_world:
-        runtime.shutdown()
-    else:
-        parallel_state.destroy_model_parallel()
     return run.exit_code
 
 
@@ -295,6 +306,8 @@ class _Run:
         self.logger.close()
         if hasattr(self.data, "close"):
             self.data.close()
+        if self.valid_set is not None:
+            self.valid_set.close()
 
 
 def _timers_line(report: str) -> str:

@@ -27,6 +27,10 @@ class ValidationSet:
         self.group = microbatches_per_step
         self.max_microbatches = None if max_steps is None else max_steps * microbatches_per_step
 
+    def close(self) -> None:
+        """Close the held-out loader's files and decoders."""
+        self.loader.close()
+
     def microbatch_groups(self) -> Iterator[list[dict[str, Any]]]:
         """Groups of up to one step's micro-batches, from the start of the set."""
         self.loader.load_state_dict(self.start)
