@@ -164,7 +164,8 @@ PLAN_CLI = [sys.executable, str(REPO / "tools" / "plan.py"), "--gpu-memory-gb", 
 @pytest.mark.parametrize(("size", "gpus"), [("26b", 512), ("38b", 512), ("78b", 1024)])
 def test_shipped_large_recipes_fit_by_the_planners_model(size, gpus):
     """The shipped 26B/38B/78B stage-2 layouts fit 80 GB by the planner's own memory model
-    (with model.recompute=full they did not: stage 0 kept the ViT's activations in flight)."""
+    (with model.recompute=full they did not: stage 0 kept the ViT's activations in flight), and
+    their first_stage_layers is the planner's choice for their TP/PP."""
     result = subprocess.run(
         [*PLAN_CLI, "--model", f"internvl2_5_{size}", "--gpus", str(gpus), "--top", "1"],
         capture_output=True,
@@ -175,3 +176,5 @@ def test_shipped_large_recipes_fit_by_the_planners_model(size, gpus):
     assert result.returncode == 0, result.stderr
     shipped = result.stdout.split("Shipped recipe")[1].split("refused")[0]
     assert "recompute=full+vit" in shipped and "    fits in 80 GB" in shipped, shipped
+    assert "planner's first_stage_layers for this layout: " in shipped, shipped
+    assert "(the shipped value)" in shipped, shipped

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,10 +134,26 @@ def main(argv: list[str] | None = None) -> int:
     print(_describe(shipped, "   "))
     fits = max(shipped.prediction.memory_gb) <= hw.gpu_memory_gb
     print(f"    {'fits' if fits else 'DOES NOT FIT'} in {hw.gpu_memory_gb:g} GB by this model")
+    print(_first_stage_note(plans, shipped))
     print(f"\nrefused {sum(refused.values())} layouts:")
     for reason, count in refused.most_common():
         print(f"  {count:>6}  {reason}")
     return 0
+
+
+def _first_stage_note(plans: list, shipped: Any) -> str:
+    """The planner's stage-0 layer count for the shipped TP/PP/CP/recompute/micro-batch (the
+    recipes take theirs from here)."""
+    lay = shipped.layout
+    if lay.pipeline == 1:
+        return "    first_stage_layers: none needed (PP=1)"
+    key = lay.without_first_stage()
+    same = [plan for plan in plans if plan.layout.without_first_stage() == key]
+    if not same:
+        return "    first_stage_layers: no fitting choice for this layout"
+    best = same[0].layout.first_stage_layers  # plans arrive fastest first
+    verdict = "the shipped value" if best == lay.first_stage_layers else "the shipped value differs"
+    return f"    planner's first_stage_layers for this layout: {best} ({verdict})"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ context-parallel KV ring, both counted as exposed, plus the pipeline send/receiv
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_internvl.models.registry import InternVLSpec
 from megatron_internvl.models.vision import padded_heads
@@ -92,6 +92,10 @@ class Layout:
     @property
     def model_parallel(self) -> int:
         return self.tensor * self.pipeline * self.context
+
+    def without_first_stage(self) -> Layout:
+        """This layout with stage 0's layer count left open (layouts that differ only there)."""
+        return replace(self, first_stage_layers=None)
 
 
 @dataclass(frozen=True)

@@ -124,15 +124,7 @@ def _best_first_stage(plans: list[Plan]) -> list[Plan]:
     fastest (plans arrive fastest first)."""
     seen, kept = set(), []
     for plan in plans:
-        lay = plan.layout
-        key = (
-            lay.tensor,
-            lay.vision_tensor,
-            lay.pipeline,
-            lay.context,
-            lay.recompute,
-            lay.micro_batch,
-        )
+        key = plan.layout.without_first_stage()
         if key not in seen:
             seen.add(key)
             kept.append(plan)
