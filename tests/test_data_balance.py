@@ -73,6 +73,49 @@ def test_every_sample_dealt_once_within_capacity_and_deterministic(seed):
     assert again == deal
 
 
+def _deal_by_its_rule(samples, weight, order, ranks, rows_per_rank, row_tokens, row_tiles, step):
+    """The dealing rule, stated plainly (slow): each sample to the first rank by (load, rank
+    order rotated by step) that has a row with room, into its least-loaded row."""
+    rows = [[[] for _ in range(rows_per_rank)] for _ in range(ranks)]
+    room = [[[row_tokens, row_tiles] for _ in range(rows_per_rank)] for _ in range(ranks)]
+    row_load = [[0.0] * rows_per_rank for _ in range(ranks)]
+    load, left_over = [0.0] * ranks, []
+    for i in order:
+        s = samples[i]
+        for r in sorted(range(ranks), key=lambda r: (load[r], (r - step) % ranks)):
+            fits = [j for j, (t, k) in enumerate(room[r]) if t >= s.tokens and k >= s.tiles]
+            if fits:
+                j = min(fits, key=lambda j: (row_load[r][j], j))
+                rows[r][j].append(i)
+                room[r][j][0] -= s.tokens
+                room[r][j][1] -= s.tiles
+                row_load[r][j] += weight[i]
+                load[r] += weight[i]
+                break
+        else:
+            left_over.append(i)
+    return rows, left_over
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_deal_follows_its_rule_with_ties_and_full_ranks(seed):
+    """The fast deal (rank loads in arrays) places every sample where the plain rule does, on
+    tight rows (many full ranks to pass over) and with equal weights (ties)."""
+    from megatron_internvl.data.balance import _deal, _Rows
+
+    ranks, rows_per_rank, row_tokens, row_tiles = 16, 2, 4096, 12
+    samples = random_step(200 + seed, 10 * ranks * rows_per_rank, row_tokens, row_tiles)
+    weight = [float(s.tiles) for s in samples]  # many equal weights: ties decide
+    order = sorted(range(len(samples)), key=lambda i: (-weight[i], i))
+    rows = _Rows(ranks, rows_per_rank, row_tokens, row_tiles)
+    left_over = _deal(samples, weight, order, rows, step=seed)
+    expected = _deal_by_its_rule(
+        samples, weight, order, ranks, rows_per_rank, row_tokens, row_tiles, seed
+    )
+    assert (rows.samples, left_over) == expected
+    assert left_over  # tight: some samples fit nowhere, so full ranks were passed over
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_greedy_bound_when_capacity_is_loose(seed):
     # Each sample goes to the least-loaded rank: max <= mean + the costliest sample.
