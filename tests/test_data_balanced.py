@@ -160,3 +160,45 @@ def test_balance_off_builds_the_strided_loader(demo):
     on = source(True)[0]
     assert type(on.loader) is BalancedLoader and on.loader.rows_per_rank == 2
     assert on.next_microbatches(1)[0]["balance"]["max_over_mean"] >= 1.0
+
+
+def test_side_files_built_ahead_by_the_tool_are_the_ones_training_reads(tmp_path):
+    """tools/balance_meta.py in two parts builds every shard's side file once; a balanced
+    training run through the training entry then reads them (same fingerprint: none rebuilt)."""
+    import subprocess
+    import sys
+
+    from megatron_internvl.data.demo_data import DEMO_DIR
+
+    shards = tmp_path / "shards"
+    build_demo_shards(shards, max_samples=4)
+    tars = sorted(shards.glob("*.tar"))
+    assert len(tars) >= 3
+    root = Path(__file__).resolve().parents[1]
+    run = ["recipe=demo_cpu_shards", f"data.shards=[{shards}]", "data.balance=true"]
+    run += [f"data.tokenizer={DEMO_DIR / 'tokenizer'}", f"output_dir={tmp_path / 'runs'}"]
+
+    def tool(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(root / "tools" / "balance_meta.py"), *args],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+
+    parts = [tool(*run, "--part", f"{k}/2") for k in range(2)]
+    for part in parts:
+        assert part.returncode == 0, part.stderr[-2000:]
+    lines = [line for p in parts for line in p.stdout.splitlines() if "] " in line]
+    assert sorted(line.split("] ")[1].split(":")[0] for line in lines) == [str(t) for t in tars]
+    side = {p: p.stat().st_mtime_ns for p in shards.glob("*.meta-*.json")}
+    assert len(side) == len(tars)  # one per shard, one fingerprint
+    bad = tool(*run, "--part", "2/2")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --part '2/2'"), bad.stderr
+    train = subprocess.run(
+        [sys.executable, "-m", "megatron_internvl.launch.local", "--standalone",
+         "--nproc-per-node", "1", "-m", "megatron_internvl.train", *run, "parallel.tensor=1",
+         "parallel.sequence_parallel=false", "train.steps=1", "train.warmup_steps=0"],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    # The same files, untouched: training's fingerprint is the tool's (else it adds its own).
+    assert {p: p.stat().st_mtime_ns for p in shards.glob("*.meta-*.json")} == side

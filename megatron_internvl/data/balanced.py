@@ -23,9 +23,50 @@ import numpy as np
 
 from megatron_internvl.data.balance import CostModel, SampleMeta, StepDeal
 from megatron_internvl.data.errors import BadSampleError
-from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, LoaderConfig, SampleRef
+from megatron_internvl.data.loader import (
+    DatasetSpec,
+    InternVLLoader,
+    LoaderConfig,
+    SampleRef,
+    dataset_sample_config,
+)
 from megatron_internvl.data.packing import PackedRow, Sample
-from megatron_internvl.data.sample_meta import MetaSettings, shard_meta
+from megatron_internvl.data.sample_meta import Measured, MetaSettings, shard_meta
+
+
+def meta_settings(cfg: LoaderConfig, dataset: DatasetSpec) -> MetaSettings:
+    """What a dataset's tile and token counts depend on (its own video frame range included)."""
+    return MetaSettings(
+        sample=dataset_sample_config(cfg, dataset),
+        image_size=cfg.tiler.image_size,
+        max_tiles_per_image=cfg.tiler.max_num,
+        min_tiles=cfg.tiler.min_num,
+        use_thumbnail=cfg.tiler.use_thumbnail,
+        tokens_per_tile=cfg.tokens_per_tile,
+        system_prompt=cfg.system_prompt,
+        add_bos=cfg.add_bos,
+    )
+
+
+def shard_jobs(datasets: Sequence[DatasetSpec]) -> list[tuple[int, int, str]]:
+    """(dataset, shard number, shard path) of every shard, in dataset order."""
+    return [(d, k, shard) for d, spec in enumerate(datasets) for k, shard in enumerate(spec.shards)]
+
+
+def datasets_meta(
+    datasets: Sequence[DatasetSpec], cfg: LoaderConfig, tokenizer: Any, start: int = 0
+) -> list[list[Measured]]:
+    """Per dataset, every sample's (tiles, tokens) or bad-sample reason, in index order. Shards
+    are visited from number `start` on (cyclically): ranks starting at different shards build
+    missing side files at the same time instead of waiting on one builder per file."""
+    jobs = shard_jobs(datasets)
+    found: dict[tuple[int, int], list[Measured]] = {}
+    for n in range(len(jobs)):
+        d, k, shard = jobs[(start + n) % len(jobs)]
+        found[d, k] = shard_meta(shard, meta_settings(cfg, datasets[d]), tokenizer)
+    return [
+        [m for k in range(len(spec.shards)) for m in found[d, k]] for d, spec in enumerate(datasets)
+    ]
 
 
 class StepRows(list):
@@ -57,26 +98,9 @@ class BalancedLoader(InternVLLoader):
         super().__init__(datasets, tokenizer, cfg, dp_rank, dp_size)
         self.rows_per_rank = rows_per_rank
         self.mixture = np.random.default_rng([cfg.seed])  # the same draws on every rank
-        self.meta = [  # each dataset's own sample config (its video frame range)
-            [m for shard in spec.shards for m in shard_meta(shard, self._settings(d), tokenizer)]
-            for d, spec in enumerate(datasets)
-        ]
+        self.meta = datasets_meta(datasets, cfg, tokenizer, start=dp_rank)
         sizes = (dp_size, rows_per_rank, cfg.seq_length, cfg.max_tiles_per_row)
         self.dealer = StepDeal(cost, *sizes)
-
-    def _settings(self, dataset: int) -> MetaSettings:
-        """What dataset `dataset`'s tile and token counts depend on."""
-        cfg = self.cfg
-        return MetaSettings(
-            sample=self.sample_configs[dataset],
-            image_size=cfg.tiler.image_size,
-            max_tiles_per_image=cfg.tiler.max_num,
-            min_tiles=cfg.tiler.min_num,
-            use_thumbnail=cfg.tiler.use_thumbnail,
-            tokens_per_tile=cfg.tokens_per_tile,
-            system_prompt=cfg.system_prompt,
-            add_bos=cfg.add_bos,
-        )
 
     def _order(self, dataset: int, epoch: int) -> np.ndarray:
         """The whole epoch order (every rank reads the same global stream)."""

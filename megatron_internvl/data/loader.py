@@ -137,6 +137,11 @@ RECENT_DROPS = 5
 """Dropped samples an error names (the most recent)."""
 
 
+def dataset_sample_config(cfg: LoaderConfig, dataset: DatasetSpec) -> SampleConfig:
+    """The sample settings of one dataset: the loader's, with the dataset's own frame range."""
+    return replace(cfg.sample, video_frames=dataset.video_frames or cfg.sample.video_frames)
+
+
 class InternVLLoader:
     """Infinite iterator of micro-batches for one data-parallel rank; see the module docstring."""
 
@@ -177,10 +182,7 @@ class InternVLLoader:
                 )
             self.entries.append(entries)
         # Per dataset: its own frame range, if it has one (SampleConfig validates it).
-        self.sample_configs = [
-            replace(cfg.sample, video_frames=d.video_frames or cfg.sample.video_frames)
-            for d in datasets
-        ]
+        self.sample_configs = [dataset_sample_config(cfg, d) for d in datasets]
         self.reader = ShardReader()
         self.tiler = ImageTiler(cfg.tiler)
         self.batch_buffers = BatchBuffers()  # float micro-batches' memory, recycled

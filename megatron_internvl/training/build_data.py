@@ -133,25 +133,32 @@ def loader_config(cfg: RunConfig, spec: InternVLSpec, **overrides: Any) -> Any:
     )
 
 
+def shard_datasets(cfg: RunConfig) -> list[Any]:
+    """The run's training shard sets (`data.shards`) with their weights and frame ranges."""
+    from megatron_internvl.data.loader import DatasetSpec, shard_list
+    from megatron_internvl.data.samples import video_frame_ranges
+    from megatron_internvl.training.run_dir import shard_set_name
+
+    weights = cfg.data.weights or [1.0] * len(cfg.data.shards)
+    if len(weights) != len(cfg.data.shards):
+        raise ValueError(
+            f"data.weights has {len(weights)} entries for {len(cfg.data.shards)} shard sets"
+        )
+    frames = video_frame_ranges(cfg.data.video_frames, len(cfg.data.shards))
+    return [
+        DatasetSpec(shard_set_name(path), shard_list([path]), weight, video_frames)
+        for path, weight, video_frames in zip(cfg.data.shards, weights, frames, strict=True)
+    ]
+
+
 def data_source(
     cfg: RunConfig, spec: InternVLSpec, dp_rank: int, dp_size: int, tokenizer: Any = None
 ) -> Any:
     """This data-parallel rank's source of micro-batches (shards or synthetic rows), with state."""
     if cfg.data.source == "shards":
-        from megatron_internvl.data.loader import DatasetSpec, InternVLLoader, shard_list
-        from megatron_internvl.data.samples import video_frame_ranges
-        from megatron_internvl.training.run_dir import shard_set_name
+        from megatron_internvl.data.loader import InternVLLoader
 
-        weights = cfg.data.weights or [1.0] * len(cfg.data.shards)
-        if len(weights) != len(cfg.data.shards):
-            raise ValueError(
-                f"data.weights has {len(weights)} entries for {len(cfg.data.shards)} shard sets"
-            )
-        frames = video_frame_ranges(cfg.data.video_frames, len(cfg.data.shards))
-        datasets = [
-            DatasetSpec(shard_set_name(path), shard_list([path]), weight, video_frames)
-            for path, weight, video_frames in zip(cfg.data.shards, weights, frames, strict=True)
-        ]
+        datasets = shard_datasets(cfg)
         settings = loader_config(cfg, spec)
         if cfg.data.balance:
             from megatron_internvl.data.balanced import BalancedLoader
