@@ -191,3 +191,47 @@ def test_sweeps_fit_validation_loss_when_every_point_has_one_and_say_which():
     train = fit_sweep(rows, bootstrap=0)
     assert (train["loss"], train["quantity"]) == ("smoothed_loss", "training loss (smoothed)")
     assert "valid/loss" in train["loss_note"]
+
+
+def _isoflop_rows(noise: float) -> list[dict]:
+    """IsoFLOP points of the law: 7 sizes around the optimum at each of 4 budgets."""
+    g = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA))
+    rng, rows = np.random.default_rng(1), []
+    for c in (1e18, 1e19, 1e20, 1e21):
+        for n in g * (c / 6) ** (BETA / (ALPHA + BETA)) * np.logspace(-0.6, 0.6, 7):
+            d = c / (6 * n)
+            rows.append(
+                {"id": f"p{len(rows)}", "status": "done", "flops": c, "budget": c, "N": n,
+                 "tokens": d, "smoothed_loss": float(_law(n, d) * np.exp(rng.normal(0, noise))),
+                 "vit_layers": 2, "vit_hidden": 32, "llm_layers": len(rows), "llm_hidden": 64}
+            )  # fmt: skip
+    return rows
+
+
+def test_the_two_exponent_estimates_are_compared_and_a_disagreement_flagged(tmp_path):
+    from megatron_internvl.sweeps.fit import exponent_agreement
+    from megatron_internvl.sweeps.report import write_report
+
+    fit = fit_sweep(_isoflop_rows(noise=0.002), bootstrap=30)
+    agreement = fit["agreement"]
+    assert agreement["status"] == "agree", agreement
+    a_true = BETA / (ALPHA + BETA)
+    assert agreement["parametric"] == pytest.approx(a_true, abs=0.03)
+    assert agreement["isoflop"] == pytest.approx(a_true, abs=0.03)
+    low, high = agreement["overlap"]
+    assert low <= high
+    report = write_report("s", [], fit, {}, tmp_path / "report.md").read_text()
+    assert "their 95% intervals overlap" in report and "**Flag:** N_opt" not in report
+    # Intervals that do not overlap (what a law whose form misses the points gives) are flagged.
+    parametric = {"constants": {"a_N_opt": {"value": 0.78, "low": 0.44, "high": 0.91}}}
+    isoflop = {"status": "ok", "a_N_opt": {"value": 0.21, "low": -0.3, "high": 0.4}}
+    apart = exponent_agreement(parametric, isoflop)
+    assert apart["status"] == "disagree" and apart["overlap"] is None
+    fit["agreement"] = apart
+    flagged = write_report("s", [], fit, {}, tmp_path / "flagged.md").read_text()
+    assert "**Flag:** N_opt's exponent, law vs minima" in flagged
+    no_boot = exponent_agreement(
+        {"constants": {"a_N_opt": {"value": 0.5, "low": float("nan"), "high": float("nan")}}},
+        isoflop,
+    )
+    assert no_boot["status"].startswith("not comparable")

@@ -547,5 +547,30 @@ def fit_sweep(
             bootstrap,
             seed,
         )
+        out["agreement"] = exponent_agreement(out["parametric"], out["isoflop"])
     out["status"] = "ok"
     return out
+
+
+def exponent_agreement(parametric: dict[str, Any], isoflop: dict[str, Any]) -> dict[str, Any]:
+    """Do the two estimates of N_opt's exponent, the parametric law's implied a_N_opt and the
+    IsoFLOP minima's fitted slope, agree (their 95% intervals overlap)? Two methods on the same
+    points that disagree mean the law's form does not describe them; the report says so instead
+    of leaving two numbers side by side."""
+    implied = parametric.get("constants", {}).get("a_N_opt")
+    minima = isoflop.get("a_N_opt") if isoflop.get("status") == "ok" else None
+    if implied is None or minima is None:
+        return {"status": "not comparable: one of the two estimates was not made"}
+    if not implied.get("identifiable", True):
+        return {"status": "not comparable: the law's a_N_opt is not identifiable"}
+    bounds = [(e["low"], e["high"]) for e in (implied, minima)]
+    if any(math.isnan(v) for pair in bounds for v in pair):
+        return {"status": "not comparable: no bootstrap intervals"}
+    low, high = max(b[0] for b in bounds), min(b[1] for b in bounds)
+    agree = low <= high
+    return {
+        "status": "agree" if agree else "disagree",
+        "parametric": implied["value"],
+        "isoflop": minima["value"],
+        "overlap": [low, high] if agree else None,
+    }

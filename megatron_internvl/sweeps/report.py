@@ -27,6 +27,27 @@ def _e(e: dict[str, Any]) -> list[str]:
     return [f"{e['value']:.4g}", f"{e['low']:.4g} – {e['high']:.4g}"]
 
 
+def _agreement_lines(agreement: dict[str, Any]) -> list[str]:
+    """The two estimates of N_opt's exponent side by side, and whether they agree."""
+    status = agreement.get("status", "not compared")
+    if status not in ("agree", "disagree"):
+        return [f"N_opt's exponent, law vs minima: {status}."]
+    both = (
+        f"the parametric law implies a = {agreement['parametric']:.3g}, the IsoFLOP minima give "
+        f"a = {agreement['isoflop']:.3g}"
+    )
+    if status == "agree":
+        low, high = agreement["overlap"]
+        return [f"N_opt's exponent, law vs minima: {both}; their 95% intervals overlap "
+                f"({low:.3g} – {high:.3g}), so the two methods are consistent."]  # fmt: skip
+    return [
+        f"**Flag:** N_opt's exponent, law vs minima: {both}, and their 95% intervals do not "
+        "overlap: the parametric form does not describe these points well enough to trust its "
+        "compute-optimal exponents; prefer the IsoFLOP minima (model-free), or sample more "
+        "sizes per budget."
+    ]
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -136,7 +157,7 @@ def write_report(
             )
         else:
             lines.append(f"\n{iso.get('status')}")
-        lines.append("")
+        lines += ["", *_agreement_lines(fit.get("agreement", {})), ""]
 
     lines.append("## Figures")
     for name, figure in figures.items():
