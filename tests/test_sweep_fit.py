@@ -81,6 +81,10 @@ def test_compute_law_is_fitted_on_the_frontier_only():
     assert fit["alpha"]["value"] == pytest.approx(0.15, abs=0.005)
     assert fit["alpha"]["low"] <= 0.15 <= fit["alpha"]["high"]
     assert list(frontier(np.array([1.0, 2.0, 3.0]), np.array([5.0, 6.0, 4.0]))) == [0, 2]
+    # Points of one budget whose compute differs by a step's worth: one frontier point, its best.
+    compute = np.array([1.0, 1.004, 1.008, 2.0, 2.01, 4.0])
+    loss = np.array([5.0, 4.8, 4.9, 4.0, 4.2, 4.5])
+    assert list(frontier(compute, loss)) == [1, 3]
 
 
 def test_isoflop_minima_follow_the_laws_compute_optimal_exponent():

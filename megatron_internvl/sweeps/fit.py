@@ -54,11 +54,24 @@ def _interval(value: float, samples: Sequence[float]) -> Estimate:
 # ---------------------------------------------------------------- compute law on the frontier
 
 
+SAME_COMPUTE = 0.02
+"""Points whose compute differs by less than this fraction are one budget (whole steps make
+points of one IsoFLOP budget differ a little)."""
+
+
 def frontier(compute: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """Indices (by increasing compute) of points whose loss beats every smaller-compute point."""
+    """Indices (by increasing compute) of the lower envelope: per budget (computes within
+    SAME_COMPUTE of each other) its lowest loss, kept if it beats every smaller budget's."""
     order = np.argsort(compute, kind="stable")
-    best, keep = math.inf, []
+    groups: list[list[int]] = []
     for i in order:
+        if groups and compute[i] <= compute[groups[-1][0]] * (1 + SAME_COMPUTE):
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    best, keep = math.inf, []
+    for group in groups:
+        i = min(group, key=lambda j: (loss[j], j))
         if loss[i] < best:
             keep.append(i)
             best = loss[i]
