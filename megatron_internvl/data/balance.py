@@ -21,6 +21,7 @@ for the next step.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -139,46 +140,31 @@ def _deal(
     step: int,
     best_fit: bool = False,
 ) -> list[int]:
-    """Each of `order` to the least-loaded rank that has room (ties: the rank order rotated by
-    `step`), into its least-loaded row (or `best_fit`: the row with the least room); returns the
-    samples that fit nowhere. Rank loads and rooms live in arrays, so finding that rank is a few
-    vector operations over the ranks, not a heap walk past every full rank (DP 512)."""
+    """Each of `order` to the least-loaded rank that has room, into its least-loaded row (or
+    `best_fit`: the row with the least room); returns the samples that fit nowhere."""
     ranks = len(rows.samples)
-    load = np.array([sum(rows.row_load[r]) for r in range(ranks)], dtype=np.float64)
-    position = (np.arange(ranks) - step) % ranks
-    most = np.array(rows.most, dtype=np.int64).reshape(ranks, 2)
+    # (load, rotated position, rank): the step rotates who receives the first, largest sample.
+    heap = [(sum(rows.row_load[r]), (r - step) % ranks, r) for r in range(ranks)]
+    heapq.heapify(heap)
     left_over = []
     for i in order:
-        sample = samples[i]
-        open_ranks = np.flatnonzero((most[:, 0] >= sample.tokens) & (most[:, 1] >= sample.tiles))
-        rank, fits = _least_loaded_with_room(rows, sample, open_ranks, load, position)
-        if rank < 0:
+        popped, placed = [], False
+        while heap and not placed:
+            load, position, rank = heapq.heappop(heap)
+            fits = rows.fitting(rank, samples[i])
+            if fits:
+                if best_fit:
+                    j = min(fits, key=lambda k: (rows.room[rank][k][0], k))
+                else:
+                    j = min(fits, key=lambda k: (rows.row_load[rank][k], k))
+                rows.put(rank, j, i, samples[i], weight[i])
+                load, placed = load + weight[i], True
+            popped.append((load, position, rank))
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        if not placed:
             left_over.append(i)
-            continue
-        if best_fit:
-            j = min(fits, key=lambda k: (rows.room[rank][k][0], k))
-        else:
-            j = min(fits, key=lambda k: (rows.row_load[rank][k], k))
-        rows.put(rank, j, i, sample, weight[i])
-        load[rank] += weight[i]
-        most[rank] = rows.most[rank]
     return left_over
-
-
-def _least_loaded_with_room(
-    rows: _Rows, sample: SampleMeta, candidates: np.ndarray, load: np.ndarray, position: np.ndarray
-) -> tuple[int, list[int]]:
-    """The candidate rank first by (load, position) with a row that fits `sample`, and those
-    rows; (-1, []) if none. `candidates` passed the quick per-rank room test."""
-    while candidates.size:
-        loads = load[candidates]
-        tied = candidates[loads == loads.min()]
-        rank = int(tied[np.argmin(position[tied])])
-        fits = rows.fitting(rank, sample)
-        if fits:
-            return rank, fits
-        candidates = candidates[candidates != rank]
-    return -1, []
 
 
 def _balance_weight(model: CostModel, sample: SampleMeta, padded_rows: bool) -> float:
