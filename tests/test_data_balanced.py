@@ -187,6 +187,7 @@ def test_side_files_built_ahead_by_the_tool_are_the_ones_training_reads(tmp_path
     parts = [tool(*run, "--part", f"{k}/2") for k in range(2)]
     for part in parts:
         assert part.returncode == 0, part.stderr[-2000:]
+    assert sum(p.stdout.count("data: measuring ") for p in parts) == len(tars)  # built once
     lines = [line for p in parts for line in p.stdout.splitlines() if "] " in line]
     assert sorted(line.split("] ")[1].split(":")[0] for line in lines) == [str(t) for t in tars]
     side = {p: p.stat().st_mtime_ns for p in shards.glob("*.meta-*.json")}
@@ -202,3 +203,4 @@ def test_side_files_built_ahead_by_the_tool_are_the_ones_training_reads(tmp_path
     assert train.returncode == 0, train.stderr[-3000:]
     # The same files, untouched: training's fingerprint is the tool's (else it adds its own).
     assert {p: p.stat().st_mtime_ns for p in shards.glob("*.meta-*.json")} == side
+    assert "data: measuring" not in train.stdout + train.stderr

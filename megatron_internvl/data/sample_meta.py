@@ -153,9 +153,15 @@ def shard_meta(tar_path: str, settings: MetaSettings, tokenizer: Any) -> list[Me
     if found is not None:
         return found
     stale = target.exists()
+
+    def measure_shard(path: Path) -> list[Measured]:
+        why = "no side file for these settings yet; tools/balance_meta.py builds them ahead"
+        print(f"data: measuring {count} samples of {tar_path} for data.balance ({why})", flush=True)
+        return write_meta(tar_path, path, settings, tokenizer)
+
     built = build_once(
         target,
-        lambda path: write_meta(tar_path, path, settings, tokenizer),
+        measure_shard,
         what=f"the balancing metadata of {tar_path}",
         rebuild=stale,
     )
