@@ -2,7 +2,8 @@
 # Every GPU-only check of the project in one unattended run on one H100/H200 (about 9 minutes):
 # the gpu-marked tests (TE == local in bf16, FP8, THD, DALI mixed decode, platform inert), the
 # training-step benchmark against transformers (LLM MFU, FP8 speed-up, whole InternVL step),
-# FP8-vs-bf16 loss curves through the training loop, and the data pipeline's GPU decode.
+# FP8-vs-bf16 loss curves through the training loop, the data pipeline's GPU decode, and the
+# vision-TP checks (the ViT's per-GPU step per layout, the planner's activation estimate).
 # Needs the gpu extra installed (Transformer Engine, DALI's CUDA wheel; README "GPU runs").
 # Results: $OUT (default ./gpu_results): one log per step, summary.txt, and gpu-results.json
 # (benchmarks/gpu_report.py), the file to commit as benchmarks/results/gpu-<date>.json.
@@ -90,6 +91,17 @@ step bench_internvl 120 "$PY" benchmarks/train_step.py --part internvl "${BENCH[
   "${VL_SHAPE[@]}" --json "$OUT/bench_internvl.json"
 
 step data_gpu 90 "$PY" benchmarks/data_throughput.py "${DATA[@]}"
+
+# Vision TP (#18): the 6B ViT's per-GPU step at vision TP 1 vs the padded-head TP 8 layout, and
+# the planner's activation estimate against measured peak memory (GPU only). With the steps
+# above these pass the 10-minute mark: on a lent GPU run them as their own call,
+# `scripts/gpu_checks.sh vit_vision_tp plan_memory`.
+if [ "$DRY" = 1 ]; then
+  step vit_vision_tp 120 "$PY" benchmarks/vit_vision_tp.py --dry-run --json "$OUT/vit_vision_tp.json"
+else
+  step vit_vision_tp 120 "$PY" benchmarks/vit_vision_tp.py --json "$OUT/vit_vision_tp.json"
+  step plan_memory 180 "$PY" benchmarks/plan_memory_gpu.py
+fi
 
 "$PY" benchmarks/gpu_report.py collect "$OUT" "$OUT/gpu-results.json" >"$OUT/report.txt" 2>&1 \
   || FAILED=1

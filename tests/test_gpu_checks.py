@@ -17,7 +17,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_report  # noqa: E402
 
 FIELDS = ("step_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb")
-STEPS = ("pytest_gpu", "bench_llm", "fp8_convergence", "bench_internvl", "data_gpu")
+STEPS = (
+    "pytest_gpu",
+    "bench_llm",
+    "fp8_convergence",
+    "bench_internvl",
+    "data_gpu",
+    "vit_vision_tp",
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +61,11 @@ def test_every_step_runs_and_the_results_file_is_consistent(dry_run: Path) -> No
                 tflops = work["tflop_per_step"] / side["step_s"]
                 assert side["tflops_per_gpu"] == pytest.approx(tflops, rel=1e-9)
                 assert side["mfu"] is None  # no peak on a CPU
+    vit = json.loads((dry_run / "vit_vision_tp.json").read_text())
+    whole, sliced = vit["results"]  # vision TP 1: whole ViT on a share; TP 2: a slice on all
+    assert (whole["heads"], sliced["heads"]) == (5, 3)  # 5 heads padded to 6 over TP 2
+    assert (whole["tiles"], sliced["tiles"]) == (2, 4)
+    assert vit["ratio"] == pytest.approx(sliced["step_s"] / whole["step_s"])
     # fp32 vs bf16 curves only: no FP8 gap to report, the bf16 gap is recorded.
     assert record["fp8_curve_max_gap"] is None
     assert 0 <= record["curve_gaps"]["bf16"] < 0.02
